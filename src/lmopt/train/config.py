@@ -1,0 +1,232 @@
+"""The training configuration: one dataclass, read from a TOML file and/or ``--key value`` flags, validated
+before anything is built. Unknown keys and names fail with a message that lists the valid ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmopt.optim import validate_options
+from lmopt.registry import OPTIMIZERS, PRESETS, TOKENIZERS
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration."""
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    preset: str = "tiny"
+    """model preset (``lmopt presets``)"""
+    tokenizer: str = ""
+    """tokenizer; empty: the preset's own"""
+    data: str = "brown"
+    """prepared data name: an embedded corpus (prepared on first use) or a name given to ``lmopt data prepare``"""
+    # --- optimizer ---
+    optimizer: str = "adamw"
+    """optimizer name (``lmopt optimizers``)"""
+    lr: float | None = None
+    """peak learning rate; unset: the optimizer's registered default"""
+    weight_decay: float | None = None
+    """decoupled weight decay (the optimizer decides which parameters it applies to); unset: its default"""
+    optim: dict = field(default_factory=dict)
+    """optimizer-specific options, e.g. ``{betas = [0.9, 0.95]}``"""
+    # --- schedule ---
+    schedule: str = "cosine"
+    """after warm-up: cosine | linear (decay to the floor) | wsd (warmup-stable-decay) | constant"""
+    warmup_frac: float = 0.05
+    """linear warm-up length as a fraction of all steps"""
+    min_lr_ratio: float = 0.1
+    """the floor the decay ends at, as a fraction of the peak lr"""
+    decay_frac: float = 0.2
+    """wsd only: the final fraction of steps over which lr decays linearly to the floor"""
+    # --- batch and length ---
+    seq_len: int = 128
+    """tokens per sequence"""
+    batch_tokens: int = 4096
+    """tokens per optimizer step, over all ranks and accumulation steps"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    steps: int = 0
+    """optimizer steps; 0: total_tokens / batch_tokens"""
+    total_tokens: int = 1_228_800
+    """training tokens, used when steps is 0"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0 disables"""
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 50
+    """steps between validation evaluations (also at step 0 and at the end)"""
+    eval_tokens: int = 65536
+    """validation tokens per evaluation"""
+    log_interval: int = 10
+    """steps between progress lines"""
+    ckpt_interval: int = 100
+    """steps between checkpoints (also at the end); 0: only at the end"""
+    keep_checkpoints: int = 2
+    """how many recent checkpoints to keep"""
+    # --- reproducibility and hardware ---
+    seed: int = 0
+    """seed of the initial weights and of the data order"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    dtype: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
+    compile: bool = False
+    """torch.compile the model"""
+    run_name: str = ""
+    """run directory name under $LMOPT_RUNS; empty: derived from the config (deterministic)"""
+
+    # -------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help(cls, key: str) -> str:
+        import ast
+        import inspect
+
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and node.target.id == key and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)):
+                return nxt.value.value
+        return ""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.keys())}")
+        hints = typing.get_type_hints(cls)
+        checked = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+        return cls(**checked)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that affects the result (not the run's name or logging cadence)."""
+        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints"}
+        content = {k: v for k, v in self.to_dict().items() if k not in cosmetic}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    def default_run_name(self) -> str:
+        lr = "default" if self.lr is None else f"{self.lr:g}"
+        return f"{self.preset}-{self.data}-{self.optimizer}-lr{lr}-s{self.seed}-{self.fingerprint()}"
+
+    def resolved_tokenizer(self) -> str:
+        return self.tokenizer or PRESETS.get(self.preset).tokenizer
+
+    def num_steps(self) -> int:
+        return self.steps or self.total_tokens // self.batch_tokens
+
+    def micro_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per forward pass on one rank."""
+        per_micro = self.seq_len * self.grad_accum * world_size
+        if self.batch_tokens % per_micro:
+            raise ConfigError(
+                f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len x grad_accum x ranks "
+                f"({self.seq_len} x {self.grad_accum} x {world_size} = {per_micro})"
+            )
+        return self.batch_tokens // per_micro
+
+    def validate(self, world_size: int = 1) -> TrainConfig:
+        """Check every name and number; raise :class:`ConfigError` or an ``UnknownNameError``."""
+        preset = PRESETS.get(self.preset)
+        tokenizer = TOKENIZERS.get(self.resolved_tokenizer())
+        if tokenizer.vocab_size > preset.config.vocab_size:
+            raise ConfigError(
+                f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids but preset {self.preset!r} "
+                f"has a vocabulary of {preset.config.vocab_size}"
+            )
+        validate_options(OPTIMIZERS.get(self.optimizer), self.optim)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        positive = ("seq_len", "batch_tokens", "grad_accum", "eval_interval", "eval_tokens", "log_interval",
+                    "keep_checkpoints")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
+        for key in ("warmup_frac", "min_lr_ratio", "decay_frac"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
+        if self.seq_len > preset.config.max_seq_len:
+            raise ConfigError(f"seq_len {self.seq_len} exceeds the preset's max_seq_len {preset.config.max_seq_len}")
+        if self.num_steps() <= 0:
+            raise ConfigError(
+                f"no training steps: steps={self.steps}, total_tokens={self.total_tokens} < batch_tokens={self.batch_tokens}"
+            )
+        self.micro_batch_size(world_size)
+        return self
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid {key} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Accept TOML values and CLI strings for a field of type ``hint``."""
+    if isinstance(hint, types.UnionType):
+        if value is None:
+            return None
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if hint is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return value
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected {hint.__name__})") from None
+    return value

@@ -1,0 +1,271 @@
+"""The training loop: one process on CPU or GPU.
+
+A run lives in ``$LMOPT_RUNS/<run_name>/``: ``config.json`` (the resolved config and the environment that
+ran it), ``metrics.jsonl`` (see :mod:`lmopt.train.metrics`), ``summary.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import lmopt
+from lmopt.data import BatchLoader, eval_batches, load_prepared
+from lmopt.data.paths import atomic_write_text, runs_home
+from lmopt.model import build_model, get_preset
+from lmopt.optim import build
+from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmopt.train.config import ConfigError, TrainConfig
+from lmopt.train.metrics import MetricsWriter, read_metrics
+from lmopt.train.schedule import lr_factor
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(lmopt.__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg.validate()
+        self.log = log
+        self.device = resolve_device(cfg.device)
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.total_steps = cfg.num_steps()
+        self.run_dir = runs_home() / (cfg.run_name or cfg.default_run_name())
+        self._prepare_run_dir(resume, overwrite)
+
+        # Build everything (and fail on bad names or options) before the first step.
+        self.data = load_prepared(cfg.data, cfg.resolved_tokenizer())
+        preset = get_preset(cfg.preset)
+        if self.data.vocab_size > preset.config.vocab_size:
+            raise ConfigError(f"data {cfg.data!r} has vocabulary {self.data.vocab_size} > the preset's "
+                              f"{preset.config.vocab_size}")
+        self.model = build_model(preset.config, seed=cfg.seed, device=self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optim)
+        warmup = round(cfg.warmup_frac * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac),
+        )
+        self.loader = BatchLoader(self.data.train, cfg.seq_len, cfg.micro_batch_size(), seed=cfg.seed)
+        self.step, self.tokens = 0, 0
+        self.val_history: list[tuple[int, int, float]] = []
+        self.resumed_from: Path | None = None
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+            if state["fingerprint"] != cfg.fingerprint():
+                raise ConfigError(f"{checkpoint} was made with a different config ({state['fingerprint']} vs "
+                                  f"{cfg.fingerprint()}); resume with the same settings or use a new run name")
+            self.loader.load_state_dict(state["data"])
+            self.step, self.tokens = state["step"], state["tokens"]
+            self.val_history = [tuple(v) for v in state["val_history"]]
+            self.resumed_from = checkpoint
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
+                                     resume_step=self.step if self.resumed_from else None)
+        self._write_run_config()
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        if self.run_dir.exists() and not resume:
+            if not overwrite and (self.run_dir / "metrics.jsonl").exists():
+                raise ConfigError(f"run directory {self.run_dir} already exists; pass --resume to continue it, "
+                                  "--overwrite to start again, or choose another --run-name")
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _write_run_config(self) -> None:
+        train_tokens = len(self.data.train)
+        info = {
+            "config": self.cfg.to_dict(),
+            "resolved": {
+                "tokenizer": self.cfg.resolved_tokenizer(),
+                "steps": self.total_steps,
+                "micro_batch_size": self.cfg.micro_batch_size(),
+                "params": self.model.num_params(),
+                "non_embedding_params": self.model.num_params(non_embedding=True),
+                "train_tokens_available": train_tokens,
+                "epochs": self.total_steps * self.cfg.batch_tokens / self.loader.tokens_per_epoch,
+                "fingerprint": self.cfg.fingerprint(),
+            },
+            "environment": {
+                "lmopt": lmopt.__version__,
+                "commit": git_commit(),
+                "torch": torch.__version__,
+                "device": str(self.device),
+                "device_name": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor(),
+                "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+            },
+        }
+        atomic_write_text(self.run_dir / "config.json", json.dumps(info, indent=2))
+        self.run_info = info
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in eval_batches(self.data.val, self.cfg.seq_len, self.cfg.micro_batch_size(), self.cfg.eval_tokens):
+            with self._autocast():
+                _, loss = self.forward(x.to(self.device), y.to(self.device))
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+        self.model.train()
+        return total / count
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm) before the update."""
+        accum = self.cfg.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            x, y = self.loader.next_batch()
+            with self._autocast():
+                _, loss = self.forward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_value, norm_value = (loss_sum / accum).item(), grad_norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self._diverged(loss_value, norm_value)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_value, norm_value
+
+    def _diverged(self, loss: float, grad_norm: float) -> None:
+        last = latest_checkpoint(self.run_dir)
+        where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+        message = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
+                   f"(loss {loss}, grad norm {grad_norm}); stopped before updating the weights; {where}. "
+                   "Lower the learning rate or raise warm-up, then resume or restart.")
+        self.metrics.write("diverged", step=self.step + 1, tokens=self.tokens, train_loss=loss, grad_norm=grad_norm)
+        self.metrics.close()
+        raise TrainingDiverged(message)
+
+    def _record_eval(self) -> None:
+        val = self.evaluate()
+        self.val_history.append((self.step, self.tokens, val))
+        self.metrics.write("eval", step=self.step, tokens=self.tokens, val_loss=val)
+        self.log(f"step {self.step:>6}/{self.total_steps} | val loss {val:.4f}")
+
+    def _save(self) -> None:
+        state = {"tokens": self.tokens, "data": self.loader.state_dict(), "fingerprint": self.cfg.fingerprint(),
+                 "val_history": self.val_history}
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                        keep=self.cfg.keep_checkpoints)
+
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train to the end (or, with ``stop_at``, to that step, checkpointing there); returns the summary."""
+        cfg = self.cfg
+        last_step = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        resolved = self.run_info["resolved"]
+        self.log(f"run {self.run_dir}")
+        lr = self.optimizer.param_groups[0].get("initial_lr", self.optimizer.param_groups[0]["lr"])
+        self.log(f"model {cfg.preset}: {resolved['params']:,} params ({resolved['non_embedding_params']:,} "
+                 f"non-embedding) | optimizer {cfg.optimizer} lr {lr:g} | device {self.device}")
+        self.log(f"data {cfg.data}.{resolved['tokenizer']}: {resolved['train_tokens_available']:,} train tokens; "
+                 f"{self.total_steps} steps x {cfg.batch_tokens:,} tokens = {resolved['epochs']:.2f} epochs")
+        if self.resumed_from:
+            self.log(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.step == 0:
+            self._record_eval()
+        start, timed_steps, timed_seconds = time.time(), 0, 0.0
+        while self.step < last_step:
+            t0 = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += cfg.batch_tokens
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+            rate = timed_steps / timed_seconds
+            lr = self.scheduler.get_last_lr()[0]
+            self.metrics.write("train", step=self.step, tokens=self.tokens, train_loss=loss, lr=lr,
+                               grad_norm=grad_norm, step_time=dt, tokens_per_s=cfg.batch_tokens / dt,
+                               elapsed=time.time() - start)
+            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+                eta = (self.total_steps - self.step) / rate
+                self.log(f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                         f"gnorm {grad_norm:.3f} | {rate * cfg.batch_tokens:,.0f} tok/s | {rate:.2f} steps/s | "
+                         f"ETA {format_duration(eta)}")
+            if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                self._record_eval()
+            if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == last_step:
+                self._save()
+        summary = self.summary(timed_seconds) | {"complete": self.step >= self.total_steps}
+        if summary["complete"]:
+            self.metrics.write("end", **summary)
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.metrics.close()
+        return summary
+
+    def summary(self, seconds: float) -> dict:
+        first, final = self.val_history[0][2], self.val_history[-1][2]
+        train = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["event"] == "train"]
+        step_times = sorted(r["step_time"] for r in train)
+        median = step_times[len(step_times) // 2] if step_times else float("nan")
+        return {
+            "run": self.run_dir.name,
+            "steps": self.step,
+            "tokens": self.tokens,
+            "initial_val_loss": first,
+            "final_val_loss": final,
+            "best_val_loss": min(v for _, _, v in self.val_history),
+            "val_curve": [list(v) for v in self.val_history],
+            "median_step_time": median,
+            "tokens_per_s": self.cfg.batch_tokens / median if step_times else float("nan"),
+            "train_seconds_this_session": seconds,
+        }
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] = print) -> dict:
+    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log).run()

@@ -1,0 +1,107 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmopt.cli import main
+from lmopt.train import ConfigError, TrainConfig, Trainer, TrainingDiverged
+from lmopt.train.checkpoint import latest_checkpoint
+from lmopt.train.metrics import read_metrics
+
+NANO = dict(preset="nano", seq_len=64, batch_tokens=1024, eval_interval=4, eval_tokens=4096, log_interval=100)
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "train"]
+
+
+def test_resume_is_bit_exact(runs_dir):
+    cfg = TrainConfig(**NANO, steps=12, ckpt_interval=0, run_name="straight")
+    straight = Trainer(cfg, log=lambda _: None)
+    straight.run()
+
+    cfg_b = TrainConfig(**NANO, steps=12, ckpt_interval=0, run_name="resumed")
+    first = Trainer(cfg_b, log=lambda _: None).run(stop_at=6)
+    assert not first["complete"]
+    second = Trainer(cfg_b, resume=True, log=lambda _: None)
+    assert second.step == 6
+    summary = second.run()
+    assert summary["complete"]
+    assert train_losses(runs_dir / "straight") == train_losses(runs_dir / "resumed")
+    assert len(train_losses(runs_dir / "resumed")) == 12
+    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert summary["val_curve"] == json.loads((runs_dir / "straight" / "summary.json").read_text())["val_curve"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(runs_dir):
+    cfg = TrainConfig(**NANO, steps=8, ckpt_interval=2, run_name="nan")
+    trainer = Trainer(cfg, log=lambda _: None)
+
+    def poison(module, inputs, output):
+        return output * float("nan") if trainer.step >= 5 else output
+
+    trainer.model.norm.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 6.*step_00000004.*intact"):
+        trainer.run()
+    checkpoint = latest_checkpoint(runs_dir / "nan")
+    assert checkpoint.name == "step_00000004"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # the weights in memory were not touched by the bad step either
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    records = read_metrics(runs_dir / "nan" / "metrics.jsonl")
+    assert records[-1]["event"] == "diverged"
+
+
+def test_default_job_learns(runs_dir):
+    """A short version of the README's main job: the loss must fall well below ln(vocab)."""
+    summary = Trainer(TrainConfig(**NANO, steps=40, run_name="learn"), log=lambda _: None).run()
+    assert summary["initial_val_loss"] == pytest.approx(math.log(8192), abs=0.1)
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 1.0
+    config = json.loads((runs_dir / "learn" / "config.json").read_text())
+    assert config["resolved"]["epochs"] > 0 and config["environment"]["commit"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"presett": "tiny"}, "unknown config key.*presett.*valid keys"),
+        ({"preset": "huge"}, "unknown preset 'huge'; valid presets: nano, tiny"),
+        ({"optimizer": "adamx"}, "unknown optimizer 'adamx'; valid optimizers: adamw"),
+        ({"optim": {"beta": 0.9}}, "unknown option.*beta.*valid options: betas"),
+        ({"optim": {"betas": [0.9, 1.5]}}, r"betas\[1\].*\[0, 1\)"),
+        ({"lr": -1.0}, "lr must be non-negative"),
+        ({"seq_len": "long"}, "invalid value for seq_len"),
+        ({"schedule": "exp"}, "invalid schedule 'exp'; choose one of cosine"),
+        ({"batch_tokens": 100}, "must be a multiple of seq_len"),
+        ({"preset": "qwen3-134m", "tokenizer": "bpe-8192", "seq_len": 100000}, "exceeds the preset's max_seq_len"),
+        ({"tokenizer": "qwen3"}, "tokenizer 'qwen3' has 151669 ids but preset 'tiny'"),
+    ],
+)
+def test_config_errors_fail_before_training(runs_dir, values, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(TrainConfig.from_dict(values), log=lambda _: None)
+    assert not runs_dir.exists()
+
+
+def test_toml_config_and_cli_errors(tmp_path, runs_dir, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "nano"\nsteps = 3\n[optim]\nbetas = [0.9, 0.99]\n')
+    cfg = TrainConfig.from_toml(path, {"seed": 5})
+    assert (cfg.preset, cfg.steps, cfg.seed, cfg.optim["betas"]) == ("nano", 3, 5, [0.9, 0.99])
+    path.write_text('preset = "nano"\nwarmup = 3\n')
+    with pytest.raises(ConfigError, match="unknown config key.*warmup"):
+        TrainConfig.from_toml(path)
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "valid presets" in capsys.readouterr().out
+
+
+def test_existing_run_is_not_overwritten_silently(runs_dir):
+    cfg = TrainConfig(**NANO, steps=2, run_name="once")
+    Trainer(cfg, log=lambda _: None).run()
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        Trainer(cfg, log=lambda _: None)
+    Trainer(cfg, overwrite=True, log=lambda _: None).run()
