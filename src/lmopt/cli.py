@@ -36,7 +36,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
     defaults = TrainConfig()
-    for key in TrainConfig.keys():
+    for key in TrainConfig.field_names():
         flag = "--" + key.replace("_", "-")
         default = getattr(defaults, key)
         shown = json.dumps(default) if isinstance(default, dict) else default
@@ -47,7 +47,7 @@ def _add_train_parser(sub) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from lmopt.train import TrainConfig, train
 
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.keys() and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
     cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_log)
     _print_curve(summary)

@@ -69,7 +69,7 @@ def prepare(
     while batch := list(itertools.islice(docs, ENCODE_BATCH_DOCS)):
         for (doc_id, text), encoding in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
             split = "val" if is_validation(doc_id) else "train"
-            writers[split].append(np.asarray(encoding.ids + [eot], dtype=np.int64))
+            writers[split].append(np.asarray([*encoding.ids, eot], dtype=np.int64))
             n_docs[split] += 1
             n_chars += len(text)
     if n_docs["train"] == 0 or n_docs["val"] == 0:

@@ -103,7 +103,8 @@ def read_shard(path: Path, verify: bool = True) -> np.ndarray:
     expected = HEADER.size + count * itemsize
     if size != expected:
         raise ShardError(
-            f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes (truncated or corrupt)"
+            f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes "
+            "(truncated or corrupt)"
         )
     dtype = np.uint16 if itemsize == 2 else np.uint32
     tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))

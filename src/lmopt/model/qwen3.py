@@ -150,7 +150,7 @@ class Qwen3(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy (fp32) or None."""
         T = idx.shape[1]
-        if T > self.config.max_seq_len:
+        if self.config.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = rotary_cos_sin(T, self.config.head_dim, self.config.rope_theta, idx.device)
         x = self.embed_tokens(idx)  # (B, T, d)

@@ -55,9 +55,10 @@ def _check_value(name: str, value: Any, default: Any) -> None:
         if short.startswith("beta") or short == "momentum":
             if not 0.0 <= value < 1.0:
                 raise OptionError(f"Invalid {name}: {value} must lie in [0, 1)")
-        elif short in ("eps", "lr", "weight_decay") or short.endswith(("_lr", "_scale")):
-            if value < 0 or (short == "eps" and value == 0):
-                raise OptionError(f"Invalid {name}: {value} must be {'positive' if short == 'eps' else 'non-negative'}")
+        elif (short in ("eps", "lr", "weight_decay") or short.endswith(("_lr", "_scale"))) and (
+            value < 0 or (short == "eps" and value == 0)
+        ):
+            raise OptionError(f"Invalid {name}: {value} must be {'positive' if short == 'eps' else 'non-negative'}")
 
 
 def validate_options(spec: OptimizerSpec, options: Mapping[str, Any], choices: Mapping[str, tuple] = {}) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import tomllib
 import types
@@ -91,7 +92,7 @@ class TrainConfig:
     # -------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def keys(cls) -> list[str]:
+    def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
@@ -101,7 +102,7 @@ class TrainConfig:
 
         tree = ast.parse(inspect.getsource(cls))
         body = tree.body[0].body
-        for node, nxt in zip(body, body[1:], strict=False):
+        for node, nxt in itertools.pairwise(body):
             if (isinstance(node, ast.AnnAssign) and node.target.id == key and isinstance(nxt, ast.Expr)
                     and isinstance(nxt.value, ast.Constant)):
                 return nxt.value.value
@@ -109,9 +110,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        unknown = sorted(set(values) - set(cls.keys()))
+        unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.keys())}")
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}")
         hints = typing.get_type_hints(cls)
         checked = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
         return cls(**checked)
@@ -182,7 +183,8 @@ class TrainConfig:
             raise ConfigError(f"seq_len {self.seq_len} exceeds the preset's max_seq_len {preset.config.max_seq_len}")
         if self.num_steps() <= 0:
             raise ConfigError(
-                f"no training steps: steps={self.steps}, total_tokens={self.total_tokens} < batch_tokens={self.batch_tokens}"
+                f"no training steps: steps={self.steps}, total_tokens={self.total_tokens} "
+                f"< batch_tokens={self.batch_tokens}"
             )
         self.micro_batch_size(world_size)
         return self
