@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmopt.optim.roles import decay_groups
+from lmopt.optim.roles import role_param_groups
 from lmopt.optim.spec import OptimizerSpec, OptionError, register
 
 IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
@@ -26,7 +26,7 @@ def impl_flags(impl: str) -> dict:
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: float,
                 impl: str) -> torch.optim.AdamW:
-    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **impl_flags(impl))
+    return torch.optim.AdamW(role_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **impl_flags(impl))
 
 
 ADAMW = register(OptimizerSpec(

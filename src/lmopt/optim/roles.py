@@ -75,12 +75,19 @@ def role_groups(model: nn.Module, rules: RoleRules = DEFAULT_RULES) -> dict[str,
     return groups
 
 
-def decay_groups(model: nn.Module, weight_decay: float, rules: RoleRules = DEFAULT_RULES) -> list[dict]:
-    """The usual two AdamW groups: decay on matrices, none on embeddings, norms and other 1-D parameters."""
-    decay, no_decay = [], []
+def role_param_groups(model: nn.Module, weight_decay: float, rules: RoleRules = DEFAULT_RULES) -> list[dict]:
+    """One parameter group per role, each with keys ``params``, ``role`` and ``weight_decay``.
+
+    Weight decay applies to matrices only: embeddings, norms and 1-D parameters get 0 (a role holding both
+    kinds is split in two groups). Any ``torch.optim`` optimizer accepts these groups (it ignores ``role``);
+    lmopt's optimizers read ``role`` for their per-role rules.
+    """
+    groups: list[dict] = []
     for role, params in role_groups(model, rules).items():
-        for p in params:
-            (no_decay if role in NO_DECAY_ROLES or p.dim() < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
-    return [g for g in groups if g["params"]]
+        decayed = [p for p in params if role not in NO_DECAY_ROLES and p.dim() >= 2]
+        plain = [p for p in params if not (role not in NO_DECAY_ROLES and p.dim() >= 2)]
+        if decayed:
+            groups.append({"params": decayed, "role": role, "weight_decay": weight_decay})
+        if plain:
+            groups.append({"params": plain, "role": role, "weight_decay": 0.0})
+    return groups

@@ -28,6 +28,7 @@ class OptimizerSpec:
     default_weight_decay: float = 0.1
     state_bytes_per_param: float = 8.0  # fp32 state per parameter, on the matrices it owns
     kind: str = "elementwise"  # "elementwise" or "matrix"
+    needs_total_steps: bool = False  # the builder takes total_steps (the trainer passes the run's length)
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
@@ -52,7 +53,7 @@ def _check_value(name: str, value: Any, default: Any) -> None:
         raise OptionError(f"Invalid {name}: expected a string, got {value!r}")
     if isinstance(value, numeric):
         short = name.split("[")[0]
-        if short.startswith("beta") or short == "momentum":
+        if "beta" in short or short.endswith("momentum"):
             if not 0.0 <= value < 1.0:
                 raise OptionError(f"Invalid {name}: {value} must lie in [0, 1)")
         elif (short in ("eps", "lr", "weight_decay") or short.endswith(("_lr", "_scale"))) and (
@@ -77,11 +78,12 @@ def validate_options(spec: OptimizerSpec, options: Mapping[str, Any], choices: M
 
 
 def build(name: str, model: nn.Module, lr: float | None = None, weight_decay: float | None = None,
-          **options: Any) -> Optimizer:
+          total_steps: int | None = None, **options: Any) -> Optimizer:
     """The registered optimizer ``name`` over ``model``'s parameters, grouped by role.
 
     ``lr`` and ``weight_decay`` default to the optimizer's own defaults; ``options`` are checked against
-    the registry entry (``lmopt optimizers`` lists them).
+    the registry entry (``lmopt optimizers`` lists them). ``total_steps`` is passed to optimizers whose
+    update depends on the run's length (AMCS) and ignored by the others.
     """
     spec: OptimizerSpec = OPTIMIZERS.get(name)
     lr = spec.default_lr if lr is None else lr
@@ -90,4 +92,5 @@ def build(name: str, model: nn.Module, lr: float | None = None, weight_decay: fl
         raise OptionError(f"Invalid lr: {lr} must be non-negative")
     if weight_decay < 0:
         raise OptionError(f"Invalid weight_decay: {weight_decay} must be non-negative")
-    return spec.builder(model, lr=lr, weight_decay=weight_decay, **validate_options(spec, options))
+    extra = {"total_steps": total_steps} if spec.needs_total_steps else {}
+    return spec.builder(model, lr=lr, weight_decay=weight_decay, **extra, **validate_options(spec, options))

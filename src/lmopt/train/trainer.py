@@ -79,7 +79,8 @@ class Trainer:
                               f"{preset.config.vocab_size}")
         self.model = build_model(preset.config, seed=cfg.seed, device=self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optim)
+        self.optimizer = build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               total_steps=self.total_steps, **cfg.optim)
         warmup = round(cfg.warmup_frac * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

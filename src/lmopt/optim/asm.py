@@ -1,0 +1,75 @@
+"""ASM, Attentive Spectral Momentum (Aardvark 2025, ``shared/papers/asm-attentive-spectral-momentum.txt``).
+
+What the paper says (Section 3): "The base optimizer follows m_t = β1 m_{t-1} + (1 - β1) g_t,
+v_t = β2 v_{t-1} + (1 - β2) g_t², with bias correction m̂_t = m_t / (1 - β1^t), v̂_t = v_t / (1 - β2^t)."
+"For attention query and key matrices: Learning rate: 3.5 × 10⁻⁴ (vs 3 × 10⁻⁴ for others); Momentum: 0.97
+(vs 0.95); No weight decay." Nothing else distinguishes it: despite its name, no spectral quantity enters
+the update.
+
+So ASM is AdamW with three per-role overrides, and we implement it as exactly that: a subclass of
+``torch.optim.AdamW`` (its fused/foreach kernels included) whose q and k groups get
+
+    lr × 7/6 (3.5e-4 / 3e-4),   β1 = 0.97,   weight decay 0.
+
+Our choices where the text is silent:
+- the base β1 is the paper's "0.95" (``betas = (0.95, 0.95)``); β2 is not given, we use 0.95 like our AdamW.
+  ``betas`` is an option, so ``betas=(0.9, 0.95)`` gives the reading "same base as AdamW".
+- the lr override is a ratio (``qk_lr_scale = 7/6``) so that it follows the schedule and the lr sweep,
+  rather than the absolute 3.5e-4.
+- ``role_overrides=False`` switches the three overrides off: ASM then is torch AdamW, bit for bit (tested).
+
+Use on any model: ``ASM(role_param_groups(model, weight_decay), lr=...)``; groups without a ``role`` key
+are treated as "other".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmopt.optim.adamw import impl_flags
+from lmopt.optim.roles import role_param_groups
+from lmopt.optim.spec import OptimizerSpec, register
+
+QK_ROLES = ("attn_q", "attn_k")
+PAPER_QK_LR_SCALE = 3.5e-4 / 3e-4  # = 7/6
+PAPER_QK_BETA1 = 0.97
+
+
+def asm_groups(groups: list[dict], qk_lr_scale: float, qk_beta1: float, lr: float, betas: tuple) -> list[dict]:
+    """Copies of ``groups`` with the paper's overrides on attention q and k groups."""
+    out = []
+    for group in groups:
+        group = dict(group)
+        if group.get("role") in QK_ROLES:
+            group["lr"] = group.get("lr", lr) * qk_lr_scale
+            group["betas"] = (qk_beta1, group.get("betas", betas)[1])
+            group["weight_decay"] = 0.0
+        out.append(group)
+    return out
+
+
+class ASM(torch.optim.AdamW):
+    def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, role_overrides: bool = True, qk_lr_scale: float = PAPER_QK_LR_SCALE,
+                 qk_beta1: float = PAPER_QK_BETA1, impl: str = "fused") -> None:
+        params = list(params)
+        if role_overrides and params and isinstance(params[0], dict):
+            params = asm_groups(params, qk_lr_scale, qk_beta1, lr, betas)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl_flags(impl))
+
+
+def build_asm(model, lr, weight_decay, **options) -> ASM:
+    return ASM(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+register(OptimizerSpec(
+    name="asm",
+    summary="ASM: AdamW with attention q/k overrides (lr x7/6, beta1 0.97, no weight decay)",
+    source="Aardvark 2025, Attentive Spectral Momentum (shared/papers)",
+    builder=build_asm,
+    defaults={"betas": (0.95, 0.95), "eps": 1e-8, "role_overrides": True, "qk_lr_scale": PAPER_QK_LR_SCALE,
+              "qk_beta1": PAPER_QK_BETA1, "impl": "fused"},
+    default_lr=5e-3,
+    default_weight_decay=0.1,
+    state_bytes_per_param=8.0,
+))

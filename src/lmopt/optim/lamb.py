@@ -1,0 +1,65 @@
+"""LAMB: layer-wise adaptive moments (You et al., "Large Batch Optimization for Deep Learning: Training BERT
+in 76 minutes", ICLR 2020, arXiv:1904.00962, Algorithm 2).
+
+Per tensor:
+
+    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+    r = m̂ / (√v̂ + ε) + λ w                      (Adam direction plus weight decay, inside the ratio)
+    trust = φ(||w||) / ||r||,  φ(z) = min(z, max_trust);   trust = 1 when ||w|| or ||r|| is 0
+    w <- w - lr · trust · r
+
+Defaults: betas (0.9, 0.999), eps 1e-6, weight decay 0.01, as in the paper's BERT runs; max_trust 10
+(the clip of the NVIDIA/apex implementation; the paper's φ is any bounded function). Bias correction is on,
+as in the paper's Algorithm 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmopt.optim.common import LmoptOptimizer, adam_direction, adam_moments_, check_betas, check_common
+from lmopt.optim.roles import role_param_groups
+from lmopt.optim.spec import OptimizerSpec, register
+
+
+def lamb_update(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, max_trust: float) -> torch.Tensor:
+    """The trust-scaled update ``trust · (direction + λ w)`` (to be subtracted with the lr)."""
+    r = direction.add(p, alpha=weight_decay) if weight_decay else direction
+    w_norm = p.norm().clamp(max=max_trust)
+    r_norm = r.norm()
+    trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
+    return r.mul_(trust)
+
+
+class LAMB(LmoptOptimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, max_trust: float = 10.0) -> None:
+        check_common(lr, eps, weight_decay)
+        check_betas(betas)
+        if max_trust <= 0:
+            raise ValueError(f"Invalid max_trust: {max_trust}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust))
+
+    def _step_group(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        for p in self.params_with_grad(group):
+            state = self.state[p]
+            step = adam_moments_(state, p.grad, beta1, beta2)
+            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
+            p.sub_(lamb_update(direction, p, group["weight_decay"], group["max_trust"]), alpha=group["lr"])
+
+
+def build_lamb(model, lr, weight_decay, **options) -> LAMB:
+    return LAMB(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+register(OptimizerSpec(
+    name="lamb",
+    summary="LAMB: Adam direction rescaled per tensor by the trust ratio ||w|| / ||update||",
+    source="You et al. 2020, arXiv:1904.00962",
+    builder=build_lamb,
+    defaults={"betas": (0.9, 0.999), "eps": 1e-6, "max_trust": 10.0},
+    default_lr=5e-3,
+    default_weight_decay=0.01,
+    state_bytes_per_param=8.0,
+))

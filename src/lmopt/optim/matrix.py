@@ -1,0 +1,64 @@
+"""The frame of the matrix optimizers (Muon, Spectra): they own 2-D hidden matrices and hand every other
+parameter (embeddings, head, norms) to AdamW inside the same ``torch.optim.Optimizer``, as modded-nanogpt's
+and Keller Jordan's ``MuonWithAuxAdam`` do. One object means one ``state_dict``, one lr scheduler and one
+``zero_grad`` for the whole model.
+
+A parameter group with ``matrix=True`` is stepped by the subclass' ``_matrix_step``; a group with
+``matrix=False`` by AdamW with the group's ``adamw_betas`` and ``eps``. Groups without the key default to
+``matrix = all parameters are 2-D``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import Tensor, nn
+
+from lmopt.optim.common import LmoptOptimizer, adamw_step_
+from lmopt.optim.roles import DEFAULT_RULES, HIDDEN_MATRIX_ROLES, RoleRules, role_param_groups
+
+
+def matrix_param_groups(model: nn.Module, weight_decay: float, matrix_roles=HIDDEN_MATRIX_ROLES,
+                        rules: RoleRules = DEFAULT_RULES) -> list[dict]:
+    """Role groups, each marked ``matrix`` when its role is a hidden-matrix role and its tensors are 2-D."""
+    groups = []
+    for group in role_param_groups(model, weight_decay, rules):
+        matrices = [p for p in group["params"] if p.dim() == 2 and group["role"] in matrix_roles]
+        others = [p for p in group["params"] if not (p.dim() == 2 and group["role"] in matrix_roles)]
+        if matrices:
+            groups.append(group | {"params": matrices, "matrix": True})
+        if others:
+            groups.append(group | {"params": others, "matrix": False})
+    return groups
+
+
+def by_shape(params: list[Tensor]) -> dict[tuple, list[Tensor]]:
+    """Parameters grouped by (shape, dtype, device), in first-seen order, for batched matrix work."""
+    groups: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        groups[(tuple(p.shape), p.dtype, p.device)].append(p)
+    return groups
+
+
+class MatrixOptimizer(LmoptOptimizer):
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group.setdefault("matrix", all(p.dim() == 2 for p in group["params"]))
+            if group["matrix"]:
+                bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
+                if bad:
+                    raise ValueError(f"{type(self).__name__} matrix groups take 2-D parameters only; got {bad}")
+
+    def _step_group(self, group: dict) -> None:
+        params = self.params_with_grad(group)
+        if not params:
+            return
+        if group["matrix"]:
+            self._matrix_step(group, params)
+        else:
+            for p in params:
+                adamw_step_(p, self.state[p], group["lr"], group["adamw_betas"], group["eps"], group["weight_decay"])
+
+    def _matrix_step(self, group: dict, params: list[Tensor]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,107 @@
+"""MSAM, Multi-Scale Adaptive Momentum (Aardvark 2025, ``shared/papers/msam-multi-scale-adaptive-momentum.txt``).
+
+What the paper says (Section 3.2): "MSAM maintains: Fast momentum m^f_t = β1 m^f_{t-1} + (1 − β1) g_t;
+Slow momentum m^s_t = β2 m^s_{t-1} + (1 − β2) g_t; Variance estimate v_t = β3 v_{t-1} + (1 − β3) g_t²."
+"Update combines momenta based on gradient stability γ_t: m_t = α(γ_t) m^f_t + (1 − α(γ_t)) m^s_t", with
+"Layer-specific α values: Attention: 0.85 + 0.1 γ_t; MLP: 0.6 + 0.3 γ_t; Embeddings/Norms: 0.05 γ_t".
+β1 = 0.9 and β2 = 0.95 are given; β3, γ_t and the update that uses m_t are not.
+
+The update, per tensor:
+
+    m^f, m^s, v as above (β_fast 0.9, β_slow 0.95, β_v 0.999), each bias-corrected: m̂^f, m̂^s, v̂
+    γ = stability(g, m^s_{t-1}) ∈ [0, 1]
+    m̂ = α_role(γ) m̂^f + (1 − α_role(γ)) m̂^s
+    W <- W (1 − η λ) − η m̂ / (√v̂ + ε)                          (Adam-style, decoupled weight decay)
+
+Our choices where the text is silent:
+- γ, per tensor (``stability``): ``"cosine"`` (default) = max(0, cos(g_t, m^s_{t-1})), the agreement of the
+  new gradient with its long-run average (0 at the first step, where m^s is empty); or ``"variance"`` =
+  1 − ||g_t − m^s_{t-1}||² / (||g_t||² + ||m^s_{t-1}||²), which is 1 when g equals the average and 0 when
+  they are orthogonal (clamped to [0, 1]). Both are computed on-device, without a host sync.
+- roles not named by the paper: the untied head and "other" follow the MLP rule; norms and embeddings the
+  "Embeddings/Norms" rule. α is clamped to [0, 1].
+- β3 = 0.999 (Adam's default); the paper's "learning rates based on layer type" are not specified, so all
+  roles share the lr.
+Memory: three fp32 buffers per parameter (12 bytes), 1.5x AdamW's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmopt.optim.common import LmoptOptimizer, check_betas, check_common, decoupled_weight_decay_
+from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
+from lmopt.optim.spec import OptimizerSpec, register
+
+STABILITY_MEASURES = ("cosine", "variance")
+
+
+def alpha_for_role(role: str, gamma: Tensor) -> Tensor:
+    """The paper's layer-specific mixing weight of the fast momentum."""
+    if role in ATTENTION_ROLES:
+        alpha = 0.85 + 0.1 * gamma
+    elif role in ("embedding", "norm"):
+        alpha = 0.05 * gamma
+    else:  # mlp, head, other
+        alpha = 0.6 + 0.3 * gamma
+    return alpha.clamp(0.0, 1.0)
+
+
+def gradient_stability(grad: Tensor, slow: Tensor, measure: str = "cosine") -> Tensor:
+    """γ ∈ [0, 1] from the gradient and the slow momentum before this step's update (0-d tensor)."""
+    g, s = grad.flatten().float(), slow.flatten().float()
+    if measure == "cosine":
+        cos = (g @ s) / (g.norm() * s.norm()).clamp(min=1e-30)
+        return cos.clamp(0.0, 1.0)
+    if measure == "variance":
+        return (1 - (g - s).square().sum() / (g.square().sum() + s.square().sum()).clamp(min=1e-30)).clamp(0.0, 1.0)
+    raise ValueError(f"Invalid stability measure {measure!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+
+
+class MSAM(LmoptOptimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine") -> None:
+        check_common(lr, eps, weight_decay)
+        check_betas(betas)
+        if stability not in STABILITY_MEASURES:
+            raise ValueError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability))
+
+    def _step_group(self, group: dict) -> None:
+        beta_fast, beta_slow, beta_v = group["betas"]
+        role = group.get("role", "other")
+        for p in self.params_with_grad(group):
+            grad, state = p.grad, self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                for key in ("fast", "slow", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            gamma = gradient_stability(grad, state["slow"], group["stability"])
+            state["gamma"] = gamma
+            state["step"] += 1
+            t = state["step"]
+            state["fast"].lerp_(grad, 1 - beta_fast)
+            state["slow"].lerp_(grad, 1 - beta_slow)
+            state["exp_avg_sq"].mul_(beta_v).addcmul_(grad, grad, value=1 - beta_v)
+            alpha = alpha_for_role(role, gamma)
+            m_hat = (state["fast"] / (1 - beta_fast**t)) * alpha + (state["slow"] / (1 - beta_slow**t)) * (1 - alpha)
+            denom = (state["exp_avg_sq"] / (1 - beta_v**t)).sqrt_().add_(group["eps"])
+            decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
+            p.addcdiv_(m_hat, denom, value=-group["lr"])
+
+
+def build_msam(model, lr, weight_decay, **options) -> MSAM:
+    return MSAM(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+register(OptimizerSpec(
+    name="msam",
+    summary="MSAM: Adam with fast+slow momenta mixed per role by gradient stability",
+    source="Aardvark 2025, Multi-Scale Adaptive Momentum (shared/papers)",
+    builder=build_msam,
+    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "stability": "cosine"},
+    default_lr=5e-3,
+    default_weight_decay=0.1,
+    state_bytes_per_param=12.0,
+))

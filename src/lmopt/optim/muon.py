@@ -1,0 +1,96 @@
+"""Muon: momentum orthogonalised by Newton–Schulz (Keller Jordan et al. 2024,
+https://kellerjordan.github.io/posts/muon/; Liu et al. 2025, "Muon is Scalable for LLM Training",
+arXiv:2502.16982). The same algorithm as ``torch.optim.Muon`` (tested step for step), plus what lmopt needs:
+Newton–Schulz batched over same-shape matrices (one ``baddbmm`` chain per shape instead of one per matrix),
+a choice of its precision, and AdamW for the parameters Muon does not own, in the same optimizer.
+
+For each hidden matrix W (m x n), with momentum μ = 0.95:
+
+    B <- μ B + g                              (torch: B.lerp_(g, 1 - μ), the same direction up to scale)
+    B̃ = g + μ B  (Nesterov) or B
+    O = NS5(B̃)                               (quintic Newton–Schulz, coefficients (3.4445, -4.7750, 2.0315))
+    W <- W (1 - η λ) - η · adjust(m, n) · O
+
+``adjust_lr``: ``"original"`` (Keller's sqrt(max(1, m/n))) or ``"match_rms_adamw"`` (Moonshot's
+0.2 sqrt(max(m, n)), which gives O the RMS of a typical AdamW update so AdamW's lr and weight decay carry
+over). lmopt's default and the benchmark's is ``"match_rms_adamw"``: one lr then serves the matrices and
+the AdamW-driven embeddings and norms, so the lr sweep has one axis, as for every other optimizer.
+``ns_dtype``: ``"bfloat16"`` (Keller's and torch's) or ``"float32"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lmopt.optim.common import check_betas, check_common
+from lmopt.optim.kernels import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
+from lmopt.optim.matrix import MatrixOptimizer, by_shape, matrix_param_groups
+from lmopt.optim.spec import OptimizerSpec, register
+
+ADJUST_LR = ("original", "match_rms_adamw")
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def adjusted_lr(lr: float, shape: tuple[int, ...], adjust: str) -> float:
+    rows, cols = shape[:2]
+    if adjust == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"Invalid adjust_lr {adjust!r}; choose one of {', '.join(ADJUST_LR)}")
+
+
+class Muon(MatrixOptimizer):
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple = NS_COEFFICIENTS,
+                 ns_eps: float = NS_EPS, ns_dtype: str = "bfloat16", adjust_lr: str = "match_rms_adamw",
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
+        check_common(lr, eps, weight_decay)
+        check_betas([momentum], "momentum")
+        check_betas(adamw_betas, "adamw_betas")
+        if adjust_lr not in ADJUST_LR:
+            raise ValueError(f"Invalid adjust_lr {adjust_lr!r}; choose one of {', '.join(ADJUST_LR)}")
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"Invalid ns_dtype {ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps,
+                                      ns_dtype=ns_dtype, adjust_lr=adjust_lr, adamw_betas=adamw_betas, eps=eps))
+
+    def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
+        momentum = group["momentum"]
+        for shape_params in by_shape(params).values():
+            updates = []
+            for p in shape_params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            ortho = newton_schulz(torch.stack(updates), group["ns_steps"], group["ns_coefficients"],
+                                  group["ns_eps"], NS_DTYPES[group["ns_dtype"]])
+            lr = adjusted_lr(group["lr"], shape_params[0].shape, group["adjust_lr"])
+            for p, update in zip(shape_params, ortho, strict=True):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-lr)
+
+
+def build_muon(model, lr, weight_decay, **options) -> Muon:
+    return Muon(matrix_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+register(OptimizerSpec(
+    name="muon",
+    summary="Muon: Nesterov momentum orthogonalised by Newton-Schulz on hidden matrices; AdamW elsewhere",
+    source="Jordan et al. 2024 (kellerjordan.github.io/posts/muon); Liu et al. 2025, arXiv:2502.16982",
+    builder=build_muon,
+    defaults={"momentum": 0.95, "nesterov": True, "ns_steps": NS_STEPS, "ns_dtype": "bfloat16",
+              "adjust_lr": "match_rms_adamw", "adamw_betas": (0.9, 0.95), "eps": 1e-8},
+    default_lr=5e-3,
+    default_weight_decay=0.1,
+    state_bytes_per_param=4.0,
+    kind="matrix",
+))

@@ -1,0 +1,96 @@
+"""OrthoAdam: Adam in a fixed random orthogonal basis per tensor (Kaul et al. 2024, "From Attention to
+Activation: Unravelling the Enigmas of Large Language Models").
+
+Adam's per-coordinate normalisation favours the standard basis, which lets a few coordinates grow into
+outlier features; doing Adam in a random basis spreads them. Per tensor w with last dimension n, a Haar-random
+orthogonal Q (n x n), fixed for the whole run:
+
+    g̃ = g Q                                  (rotate the gradient's last dimension)
+    m̃ <- b1 m̃ + (1 - b1) g̃,   ṽ <- b2 ṽ + (1 - b2) g̃²
+    w <- w (1 - lr λ) - lr (m̂̃ / (√v̂̃ + ε)) Qᵀ   (rotate the update back)
+
+Our reading where the text is silent: the rotation acts on the last dimension of each tensor (the input
+dimension of a linear layer, the model dimension of an embedding; a 1-D tensor is rotated whole), because a
+rotation of the flattened tensor would need (m n)² entries. Q is drawn from ``torch.Generator`` seeded with
+``seed + index`` (the parameter's position in the optimizer) and rebuilt, not stored: the state_dict holds
+the seed, and a cache keeps the matrices between steps (its memory is reported by ``rotation_bytes``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmopt.optim.common import (
+    LmoptOptimizer,
+    adam_direction,
+    adam_moments_,
+    check_betas,
+    check_common,
+    decoupled_weight_decay_,
+)
+from lmopt.optim.roles import role_param_groups
+from lmopt.optim.spec import OptimizerSpec, register
+
+
+def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A Haar-distributed n x n orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).to(dtype)
+
+
+class OrthoAdam(LmoptOptimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, seed: int = 0) -> None:
+        check_common(lr, eps, weight_decay)
+        check_betas(betas)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed))
+        self._rotations: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    def _param_index(self, p: Tensor) -> int:
+        index = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return index
+                index += 1
+        raise KeyError("parameter not in optimizer")
+
+    def rotation(self, p: Tensor, seed: int) -> Tensor:
+        key = (seed, p.shape[-1], p.device)
+        if key not in self._rotations:
+            self._rotations[key] = random_orthogonal(p.shape[-1], seed).to(p.device)
+        return self._rotations[key]
+
+    def rotation_bytes(self) -> int:
+        return sum(q.numel() * q.element_size() for q in self._rotations.values())
+
+    def _step_group(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        for p in self.params_with_grad(group):
+            state = self.state[p]
+            if "rotation_seed" not in state:
+                state["rotation_seed"] = group["seed"] + self._param_index(p)
+            Q = self.rotation(p, state["rotation_seed"])
+            rotated_grad = p.grad @ Q
+            step = adam_moments_(state, rotated_grad, beta1, beta2)
+            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
+            decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
+            p.sub_(direction @ Q.mT, alpha=group["lr"])
+
+
+def build_ortho_adam(model, lr, weight_decay, **options) -> OrthoAdam:
+    return OrthoAdam(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+register(OptimizerSpec(
+    name="ortho-adam",
+    summary="OrthoAdam: AdamW in a fixed random orthogonal basis per tensor (spreads outlier coordinates)",
+    source="Kaul et al. 2024, 'From Attention to Activation'",
+    builder=build_ortho_adam,
+    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "seed": 0},
+    default_lr=5e-3,
+    default_weight_decay=0.1,
+    state_bytes_per_param=8.0,  # plus one n x n rotation per tensor (rebuilt from its seed, not saved)
+))

@@ -1,0 +1,70 @@
+"""StableAdamW: AdamW with AdaFactor-style update clipping per tensor (Wortsman et al., "Stable and
+low-precision training for large-scale vision-language models", NeurIPS 2023, arXiv:2304.13013, Algorithm 2).
+
+Per tensor:
+
+    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   m̂, v̂ bias-corrected
+    RMS = sqrt(mean(g^2 / max(v̂, ε^2)))          (how far this gradient exceeds its running second moment)
+    η = lr / max(1, RMS)
+    w <- w - lr λ w - η m̂ / (√v̂ + ε)
+
+The clip replaces global gradient clipping in the paper (our trainer still clips at its own setting; set
+``grad_clip = 0`` to follow the paper exactly). Weight decay uses the unclipped lr, as in Algorithm 2.
+Defaults: betas (0.9, 0.95) like lmopt's AdamW, eps 1e-8 (the paper uses 1e-6 with β2 = 0.99 for CLIP).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmopt.optim.common import (
+    LmoptOptimizer,
+    adam_direction,
+    adam_moments_,
+    check_betas,
+    check_common,
+    decoupled_weight_decay_,
+)
+from lmopt.optim.roles import role_param_groups
+from lmopt.optim.spec import OptimizerSpec, register
+
+
+def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
+    """sqrt(mean(g² / max(v̂, ε²))), a 0-d tensor."""
+    v_hat = exp_avg_sq / (1 - beta2**step)
+    return (grad.square() / v_hat.clamp(min=eps * eps)).mean().sqrt()
+
+
+class StableAdamW(LmoptOptimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1) -> None:
+        check_common(lr, eps, weight_decay)
+        check_betas(betas)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _step_group(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        for p in self.params_with_grad(group):
+            state = self.state[p]
+            step = adam_moments_(state, p.grad, beta1, beta2)
+            clip = update_rms(p.grad, state["exp_avg_sq"], step, beta2, eps).clamp(min=1.0)
+            decoupled_weight_decay_(p, lr, group["weight_decay"])
+            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, eps)
+            p.sub_(direction.div_(clip), alpha=lr)
+
+
+def build_stable_adamw(model, lr, weight_decay, **options) -> StableAdamW:
+    return StableAdamW(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+register(OptimizerSpec(
+    name="stable-adamw",
+    summary="StableAdamW: AdamW whose per-tensor step shrinks when RMS(g²/v̂) exceeds 1",
+    source="Wortsman et al. 2023, arXiv:2304.13013",
+    builder=build_stable_adamw,
+    defaults={"betas": (0.9, 0.95), "eps": 1e-8},
+    default_lr=5e-3,
+    default_weight_decay=0.1,
+    state_bytes_per_param=8.0,
+))
