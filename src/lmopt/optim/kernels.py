@@ -53,7 +53,8 @@ def power_iteration_sigma(W: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor,
     v <- normalize(Wᵀ W v) ``iters`` times; sigma = ||W v||. Cheap (two matrix-vector products per iteration)
     and, warm-started from the previous step's v while W changes slowly, accurate after a few steps.
     """
-    W = W.float()
+    W = W.to(_at_least_float32(W.dtype))
+    v = v.to(W.dtype)
     for _ in range(iters):
         v = W.mT @ (W @ v)
         v = v / v.norm().clamp(min=1e-30)
@@ -72,4 +73,8 @@ def block_power_iteration(M: Tensor, U: Tensor, iters: int = 1) -> Tensor:
 
 def top_left_singular_basis(M: Tensor, k: int) -> Tensor:
     """The exact top-k left singular vectors of M (used once, to start the warm-started iteration)."""
-    return torch.linalg.svd(M.float(), full_matrices=False).U[..., :k]
+    return torch.linalg.svd(M.to(_at_least_float32(M.dtype)), full_matrices=False).U[..., :k]
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)

@@ -15,7 +15,7 @@ For each hidden matrix W (m x n), with momentum μ = 0.95:
 0.2 sqrt(max(m, n)), which gives O the RMS of a typical AdamW update so AdamW's lr and weight decay carry
 over). lmopt's default and the benchmark's is ``"match_rms_adamw"``: one lr then serves the matrices and
 the AdamW-driven embeddings and norms, so the lr sweep has one axis, as for every other optimizer.
-``ns_dtype``: ``"bfloat16"`` (Keller's and torch's) or ``"float32"``.
+``ns_dtype``: ``"bfloat16"`` (Keller's and torch's), ``"float32"`` or ``"float64"`` (for tests).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lmopt.optim.matrix import MatrixOptimizer, by_shape, matrix_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
 
 ADJUST_LR = ("original", "match_rms_adamw")
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def adjusted_lr(lr: float, shape: tuple[int, ...], adjust: str) -> float:

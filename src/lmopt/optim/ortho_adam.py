@@ -46,7 +46,7 @@ class OrthoAdam(LmoptOptimizer):
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed))
-        self._rotations: dict[tuple[int, int, torch.device], Tensor] = {}
+        self._rotations: dict[tuple, Tensor] = {}
 
     def _param_index(self, p: Tensor) -> int:
         index = 0
@@ -58,9 +58,9 @@ class OrthoAdam(LmoptOptimizer):
         raise KeyError("parameter not in optimizer")
 
     def rotation(self, p: Tensor, seed: int) -> Tensor:
-        key = (seed, p.shape[-1], p.device)
+        key = (seed, p.shape[-1], p.device, p.dtype)
         if key not in self._rotations:
-            self._rotations[key] = random_orthogonal(p.shape[-1], seed).to(p.device)
+            self._rotations[key] = random_orthogonal(p.shape[-1], seed, p.dtype).to(p.device)
         return self._rotations[key]
 
     def rotation_bytes(self) -> int:

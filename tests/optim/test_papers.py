@@ -1,0 +1,208 @@
+"""Tests of what each paper's optimizer specifically claims or needs."""
+
+import math
+
+import pytest
+import torch
+
+from lmopt.model import get_preset
+from lmopt.model.qwen3 import Qwen3
+from lmopt.optim import ASM, Muon, Spectra, build, matrix_param_groups, role_param_groups
+from lmopt.optim.amcs import mixing_weight
+from lmopt.optim.asa import ASA
+from lmopt.optim.kernels import block_power_iteration, newton_schulz, power_iteration_sigma
+from lmopt.optim.msam import gradient_stability
+from lmopt.optim.spectra import shape_spike
+from tests.optim.test_battery import batch, toy_model
+
+
+def train_steps(model, opt, steps):
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        opt.step()
+
+
+# --- ASM ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
+def test_asm_without_overrides_is_torch_adamw_bit_for_bit(impl):
+    a, b = toy_model(), toy_model()
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[impl]
+    asm = ASM(role_param_groups(a, 0.1), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, role_overrides=False,
+              impl=impl)
+    adamw = torch.optim.AdamW(role_param_groups(b, 0.1), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, **flags)
+    train_steps(a, asm, 50)
+    train_steps(b, adamw, 50)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_asm_overrides_touch_only_attention_q_and_k():
+    opt = build("asm", toy_model(), lr=3e-4)
+    for group in opt.param_groups:
+        if group["role"] in ("attn_q", "attn_k"):
+            assert group["lr"] == pytest.approx(3.5e-4) and group["betas"][0] == 0.97
+            assert group["weight_decay"] == 0.0
+        else:
+            assert group["lr"] == 3e-4 and group["betas"][0] == 0.95
+
+
+# --- Muon -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_equals_torch_muon_step_for_step(adjust, nesterov):
+    """lmopt's batched Muon against torch.optim.Muon on the same (bf16 Newton-Schulz) settings."""
+    a, b = toy_model(), toy_model()
+    mats_a = [p for p in a.parameters() if p.dim() == 2 and p is not a.embed_tokens.weight]
+    mats_b = [p for p in b.parameters() if p.dim() == 2 and p is not b.embed_tokens.weight]
+    ours = Muon(mats_a, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr=adjust)
+    theirs = torch.optim.Muon(mats_b, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust)
+    for step in range(5):
+        for model, opt in ((a, ours), (b, theirs)):
+            x, y = batch(step)
+            opt.zero_grad(set_to_none=True)
+            model(x, y)[1].backward()
+            opt.step()
+        for p, q in zip(mats_a, mats_b, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_newton_schulz_against_svd():
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 64, 160, generator=gen, dtype=torch.float64)  # well conditioned (aspect 0.4)
+    O = newton_schulz(G, dtype=torch.float32).double()
+    U, _S, Vh = torch.linalg.svd(G, full_matrices=False)
+    out_singular = torch.linalg.svdvals(O)
+    assert out_singular.min() > 0.5 and out_singular.max() < 1.5  # the quintic's band around 1
+    # the singular directions are kept: Uᵀ O V is (nearly) diagonal
+    core = U.mT @ O @ Vh.mT
+    off_diagonal = core - torch.diag_embed(torch.diagonal(core, dim1=-2, dim2=-1))
+    assert off_diagonal.abs().max() < 1e-3
+    # batched equals one at a time, bit for bit, and a tall matrix is handled through its transpose
+    assert torch.equal(newton_schulz(G[1]), newton_schulz(G)[1])
+    assert torch.equal(newton_schulz(G[0].mT), newton_schulz(G[0]).mT)
+
+
+# --- ASA ------------------------------------------------------------------------------------------------------
+
+
+def test_warm_started_power_iteration_tracks_the_spectral_norm():
+    gen = torch.Generator().manual_seed(1)
+    U, _, Vh = torch.linalg.svd(torch.randn(48, 32, generator=gen), full_matrices=False)
+    W = (U * torch.linspace(2.0, 0.1, 32)) @ Vh  # a decaying spectrum, sigma2/sigma1 = 0.97
+    v = torch.randn(32, generator=gen)
+    v = v / v.norm()
+    for _ in range(100):  # one iteration per call, warm-started, as ASA does once per step
+        sigma, v = power_iteration_sigma(W, v, iters=1)
+    assert sigma.item() == pytest.approx(torch.linalg.matrix_norm(W, ord=2).item(), rel=1e-3)
+
+
+def test_asa_state_holds_the_spectral_norm_vector_of_attention_matrices_only():
+    model = toy_model()
+    opt = build("asa", model, init_power_iters=500, power_iters=500)
+    q = model.layers[0].self_attn.q_proj.weight
+    train_steps(model, opt, 1)
+    before_second_step = q.detach().clone()  # sigma is estimated on the weights the step starts from
+    x, y = batch(1)
+    opt.zero_grad()
+    model(x, y)[1].backward()
+    opt.step()
+    sigma = (before_second_step @ opt.state[q]["power_vector"]).norm()
+    assert sigma.item() == pytest.approx(torch.linalg.matrix_norm(before_second_step, ord=2).item(), rel=1e-4)
+    assert "power_vector" not in opt.state[model.layers[0].mlp.up_proj.weight]
+    assert isinstance(opt, ASA)
+
+
+# --- MSAM / AMCS ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("measure", ["cosine", "variance"])
+def test_msam_stability_lies_in_unit_interval(measure):
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        g, s = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen) * torch.rand(1, generator=gen)
+        gamma = gradient_stability(g, s, measure)
+        assert 0.0 <= gamma.item() <= 1.0
+    g = torch.randn(7, 5, generator=gen)
+    assert gradient_stability(g, g, measure).item() == pytest.approx(1.0)
+    assert gradient_stability(g, -g, measure).item() == pytest.approx(0.0)
+    assert gradient_stability(g, torch.zeros_like(g), "cosine").item() == 0.0
+
+
+def test_amcs_mixing_goes_from_fast_to_slow():
+    assert mixing_weight(1, 100) == 1.0 and mixing_weight(100, 100) == 0.0
+    assert mixing_weight(51, 101) == pytest.approx(0.5)
+    assert mixing_weight(1, 100, "cosine") == 1.0 and mixing_weight(100, 100, "cosine") == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        build("amcs", toy_model())
+
+
+# --- Spectra --------------------------------------------------------------------------------------------------
+
+
+def planted_spike(m=96, n=160, k=3, spike=30.0, noise=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
+    strengths = spike * torch.tensor([1.0, 0.8, 0.6][:k], dtype=torch.float64)
+    return U, (U * strengths) @ V.mT + noise * torch.randn(m, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
+
+
+def test_block_power_iteration_converges_to_a_planted_spike():
+    U_true, M = planted_spike()
+    gen = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(96, 3, generator=gen, dtype=torch.float64)).Q  # a cold start
+    for _ in range(5):
+        U = block_power_iteration(M, U, iters=1)
+    cos_angles = torch.linalg.svdvals(U_true.mT @ U)  # cosines of the principal angles
+    assert cos_angles.min() > 0.999
+
+
+def test_spectra_tracks_the_spike_of_its_momentum():
+    U_true, G = planted_spike(k=1)
+    W = torch.nn.Parameter(torch.zeros(96, 160, dtype=torch.float64))
+    opt = Spectra([W], lr=1e-3, rank_fraction=0.01)  # k = ceil(0.96) = 1
+    for step in range(6):
+        W.grad = G + 0.05 * torch.randn(96, 160, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        opt.step()
+    basis = opt.state[W]["basis"]
+    assert basis.shape == (96, 1)
+    assert torch.linalg.svdvals(U_true.mT @ basis).min() > 0.99
+
+
+def test_spectral_shaping_clips_the_spike_and_keeps_the_tail():
+    _U_true, M = planted_spike()
+    U = torch.linalg.svd(M, full_matrices=False).U[:, :3]
+    shaped, tau = shape_spike(M, U, "clip")
+    tail_projector = torch.eye(96, dtype=torch.float64) - U @ U.mT
+    torch.testing.assert_close(tail_projector @ shaped, tail_projector @ M)  # the tail is untouched
+    spike_values = torch.linalg.svdvals(U.mT @ shaped)
+    assert spike_values.max() <= tau * (1 + 1e-9)
+    assert torch.linalg.svdvals(M)[0] > 10 * tau  # the planted spike really was far above the tail
+    removed, _ = shape_spike(M, U, "remove")
+    assert torch.linalg.svdvals(U.mT @ removed).max() < 1e-10
+
+
+def test_spectra_state_is_about_half_of_adamws_on_the_matrices():
+    def state_bytes(opt, params):
+        return sum(t.numel() * t.element_size() for p in params for t in opt.state[p].values()
+                   if isinstance(t, torch.Tensor))
+
+    model = Qwen3(get_preset("tiny").config)
+    model.init_weights(0)
+    x, y = batch(0)
+    x, y = x % 8192, y % 8192
+    matrices = [p for g in matrix_param_groups(model, 0.1) if g["matrix"] for p in g["params"]]
+    results = {}
+    for name in ("adamw", "spectra"):
+        opt = build(name, model)
+        model.zero_grad()
+        model(x, y)[1].backward()
+        opt.step()
+        results[name] = state_bytes(opt, matrices)
+    assert results["spectra"] <= 0.52 * results["adamw"]

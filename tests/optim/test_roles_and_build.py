@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from lmopt.data import BatchLoader, eval_batches, load_prepared
+from lmopt.model import Qwen3, Qwen3Config, build_model, get_preset
+from lmopt.optim import OptionError, build, matrix_param_groups, param_roles
+from lmopt.registry import OPTIMIZERS, PRESETS, UnknownNameError
+from tests.optim.test_battery import batch, toy_model
+
+EXPECTED_ROLE = {
+    "embed_tokens.weight": "embedding",
+    "norm.weight": "norm",
+    "self_attn.q_proj.weight": "attn_q",
+    "self_attn.k_proj.weight": "attn_k",
+    "self_attn.v_proj.weight": "attn_v",
+    "self_attn.o_proj.weight": "attn_o",
+    "self_attn.q_norm.weight": "norm",
+    "self_attn.k_norm.weight": "norm",
+    "input_layernorm.weight": "norm",
+    "post_attention_layernorm.weight": "norm",
+    "mlp.gate_proj.weight": "mlp",
+    "mlp.up_proj.weight": "mlp",
+    "mlp.down_proj.weight": "mlp",
+    "lm_head.weight": "head",
+}
+
+
+@pytest.mark.parametrize("name", PRESETS.names())
+def test_every_parameter_of_every_preset_has_its_role(name):
+    with torch.device("meta"):
+        model = Qwen3(get_preset(name).config)
+    roles = param_roles(model)
+    assert set(roles) == {n for n, _ in model.named_parameters()}
+    for param_name, role in roles.items():
+        key = param_name.split(".", 2)[-1] if param_name.startswith("layers.") else param_name
+        assert role == EXPECTED_ROLE[key], param_name
+
+
+def test_untied_head_and_custom_modules():
+    with torch.device("meta"):
+        model = Qwen3(Qwen3Config(vocab_size=32, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4,
+                                  mlp_dim=16, tie_embeddings=False))
+    assert param_roles(model)["lm_head.weight"] == "head"
+    custom = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))
+    assert param_roles(custom) == {"0.weight": "embedding", "1.weight": "norm", "1.bias": "norm",
+                                   "2.weight": "other", "2.bias": "other"}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_build_places_every_parameter_in_exactly_one_group(name):
+    model = toy_model()
+    opt = build(name, model, total_steps=10)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    for group in opt.param_groups:
+        if group["role"] in ("embedding", "norm"):
+            assert group["weight_decay"] == 0.0
+    if OPTIMIZERS.get(name).kind == "matrix":
+        for group in opt.param_groups:
+            assert group["matrix"] == (group["role"] in ("attn_q", "attn_k", "attn_v", "attn_o", "mlp"))
+
+
+def test_matrix_groups_hold_only_hidden_matrices():
+    groups = matrix_param_groups(toy_model(), 0.1)
+    for g in groups:
+        assert all(p.dim() == 2 for p in g["params"]) or not g["matrix"]
+    assert {g["role"] for g in groups if not g["matrix"]} == {"embedding", "norm"}
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("adamw", {"beta": 0.9}, r"unknown option\(s\) beta for optimizer 'adamw'; valid options: betas="),
+        ("adamw", {"betas": (0.9, 1.0)}, r"Invalid betas\[1\]: 1.0 must lie in \[0, 1\)"),
+        ("muon", {"momentum": 1.5}, r"Invalid momentum: 1.5"),
+        ("spectra", {"shaping": "soft"}, "Invalid shaping 'soft'; choose one of clip, remove, scale"),
+        ("spectra", {"rank_fraction": 0.0}, "Invalid rank_fraction"),
+        ("msam", {"stability": "entropy"}, "Invalid stability"),
+        ("adamw", {"impl": "cuda"}, "Invalid impl"),
+        ("adafactor", {"impl": "fused"}, "no fused implementation"),
+        ("lamb", {"eps": 0.0}, "Invalid eps"),
+    ],
+)
+def test_bad_options_fail_with_the_valid_ones(name, options, message):
+    with pytest.raises((OptionError, ValueError), match=message):
+        build(name, toy_model(), total_steps=10, **options)
+
+
+def test_unknown_optimizer_and_bad_lr():
+    with pytest.raises(UnknownNameError, match="valid optimizers: adamw, adafactor"):
+        build("adam", toy_model())
+    with pytest.raises(OptionError, match="Invalid lr"):
+        build("adamw", toy_model(), lr=-1.0)
+
+
+@pytest.mark.parametrize(("name", "impls"), [("adamw", ("fused", "foreach", "for-loop")),
+                                             ("asm", ("fused", "foreach", "for-loop")),
+                                             ("adafactor", ("foreach", "for-loop"))])
+def test_multi_tensor_paths_agree_with_the_for_loop(name, impls):
+    results = {}
+    for impl in impls:
+        model = toy_model()
+        opt = build(name, model, impl=impl)
+        for step in range(5):
+            x, y = batch(step)
+            opt.zero_grad()
+            model(x, y)[1].backward()
+            opt.step()
+        results[impl] = [p.detach() for p in model.parameters()]
+    for impl in impls[:-1]:
+        for a, b in zip(results[impl], results["for-loop"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+LOSS_TEST_LR = {"lamb": 2e-2, "adafactor": 2e-2}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_each_optimizer_lowers_the_loss_on_real_text(name):
+    """A small Qwen3 on the Brown corpus: 150 steps must take the validation loss well below ln(8192)."""
+    data = load_prepared("brown", "bpe-8192")
+    cfg = Qwen3Config(vocab_size=8192, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, mlp_dim=128)
+    model = build_model(cfg, seed=0)
+    steps = 150
+    opt = build(name, model, lr=LOSS_TEST_LR.get(name, 1e-2), total_steps=steps)
+    loader = BatchLoader(data.train, seq_len=32, batch_size=16, seed=0)
+    val = list(eval_batches(data.val, 32, 16, max_tokens=32 * 64))
+
+    def val_loss():
+        with torch.no_grad():
+            return sum(model(x, y)[1].item() for x, y in val) / len(val)
+
+    start = val_loss()
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    end = val_loss()
+    assert end < start - 1.5, f"{name}: {start:.3f} -> {end:.3f}"
