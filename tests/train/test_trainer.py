@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmopt.cli import main
+from lmopt.registry import OPTIMIZERS
 from lmopt.train import ConfigError, TrainConfig, Trainer, TrainingDiverged
 from lmopt.train.checkpoint import latest_checkpoint
 from lmopt.train.metrics import read_metrics
@@ -34,6 +35,15 @@ def test_resume_is_bit_exact(runs_dir):
     for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert summary["val_curve"] == json.loads((runs_dir / "straight" / "summary.json").read_text())["val_curve"]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.names())
+def test_every_optimizer_resumes_bit_exactly_through_checkpoint_files(runs_dir, optimizer):
+    base = dict(NANO, optimizer=optimizer, steps=6, ckpt_interval=0, eval_interval=100)
+    Trainer(TrainConfig(**base, run_name="a"), log=lambda _: None).run()
+    Trainer(TrainConfig(**base, run_name="b"), log=lambda _: None).run(stop_at=3)
+    Trainer(TrainConfig(**base, run_name="b"), resume=True, log=lambda _: None).run()
+    assert train_losses(runs_dir / "a") == train_losses(runs_dir / "b")
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(runs_dir):
