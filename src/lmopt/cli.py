@@ -32,7 +32,7 @@ def _add_train_parser(sub) -> None:
         description="Train a model. Settings come from the defaults, then --config FILE (TOML), then the flags "
         "below. Writes $LMOPT_RUNS/<run-name>/ (config.json, metrics.jsonl, summary.json, checkpoints/).",
     )
-    p.add_argument("--config", metavar="FILE", help="a TOML file with any of the keys below")
+    p.add_argument("--config", metavar="FILE", help="a TOML (or .json) file with any of the keys below")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
     defaults = TrainConfig()
@@ -48,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lmopt.train import TrainConfig, train
 
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
-    cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
+    cfg = TrainConfig.from_file(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_log)
     _print_curve(summary)
     return 0
@@ -162,6 +162,58 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench -----------------------------------------------------------------------------------------------------
+
+
+def _add_bench_parser(sub) -> None:
+    from lmopt.registry import SUITES
+
+    p = sub.add_parser("bench", help="run benchmark suites and write their leaderboards",
+                       description="Benchmarks: tuned (lr-swept), multi-seed comparisons against AdamW.")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="{run,report,list}")
+    run = bench_sub.add_parser(
+        "run", help="run (or continue) every run of a suite",
+        description="Run a suite: lr sweep (seed 0), widening at grid edges, the other seeds and budgets at the "
+        "best lr. Each run is an `lmopt train` process; finished runs are skipped, interrupted ones resume. "
+        "Records go to results/SUITE/runs/.",
+    )
+    run.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
+    run.add_argument("--jobs", type=int, default=1, help="runs at once (each uses the suite's threads per job)")
+    run.add_argument("--only", nargs="+", metavar="PATTERN", help="only these optimizers (glob patterns)")
+    rep = bench_sub.add_parser("report", help="write results/SUITE/leaderboard.md and plots from stored runs",
+                               description="Write the leaderboard, plots and claims table from results/SUITE/runs.")
+    rep.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
+    bench_sub.add_parser("list", help="list the suites", description="List the registered benchmark suites.")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lmopt.registry import SUITES
+
+    if args.bench_command == "list":
+        table = Table(title="benchmark suites")
+        for column in ("name", "preset", "data", "tokens/run", "optimizers", "seeds", "description"):
+            table.add_column(column)
+        for entry in SUITES.entries():
+            s = entry.value
+            table.add_row(s.name, s.preset, s.data, f"{s.tokens():,}", str(len(s.optimizers)), str(len(s.seeds)),
+                          s.description)
+        console.print(table)
+        return 0
+    SUITES.get(args.suite)
+    if args.bench_command == "run":
+        from lmopt.bench.runner import run_suite
+
+        if args.jobs < 1:
+            raise ValueError("--jobs must be at least 1")
+        run_suite(args.suite, jobs=args.jobs, only=args.only, log=_log)
+        return 0
+    from lmopt.bench.report import write_report
+
+    path = write_report(args.suite, command=f"lmopt bench run {args.suite} && lmopt bench report {args.suite}")
+    _log(f"wrote {path}")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------------------
 
 
@@ -173,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
     _add_data_parser(sub)
+    _add_bench_parser(sub)
     sub.add_parser("presets", help="list model presets with their parameter counts",
                    description="List the model presets: parameter counts (total and non-embedding) and shapes.")
     sub.add_parser("optimizers", help="list the optimizers in the registry",
@@ -181,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "data": _cmd_data, "presets": _cmd_presets, "optimizers": _cmd_optimizers}
+COMMANDS = {"train": _cmd_train, "data": _cmd_data, "bench": _cmd_bench, "presets": _cmd_presets,
+            "optimizers": _cmd_optimizers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, OptionError, UnknownNameError, ShardError, DataMissingError, FileNotFoundError) as err:
+    except (ConfigError, OptionError, UnknownNameError, ShardError, DataMissingError, FileNotFoundError,
+            ValueError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
     except TrainingDiverged as err:

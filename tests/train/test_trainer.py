@@ -100,11 +100,11 @@ def test_config_errors_fail_before_training(runs_dir, values, message):
 def test_toml_config_and_cli_errors(tmp_path, runs_dir, capsys):
     path = tmp_path / "run.toml"
     path.write_text('preset = "nano"\nsteps = 3\n[optim]\nbetas = [0.9, 0.99]\n')
-    cfg = TrainConfig.from_toml(path, {"seed": 5})
+    cfg = TrainConfig.from_file(path, {"seed": 5})
     assert (cfg.preset, cfg.steps, cfg.seed, cfg.optim["betas"]) == ("nano", 3, 5, [0.9, 0.99])
     path.write_text('preset = "nano"\nwarmup = 3\n')
     with pytest.raises(ConfigError, match="unknown config key.*warmup"):
-        TrainConfig.from_toml(path)
+        TrainConfig.from_file(path)
     assert main(["train", "--preset", "nope"]) == 2
     assert "valid presets" in capsys.readouterr().out
 

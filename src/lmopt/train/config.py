@@ -86,6 +86,8 @@ class TrainConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
     compile: bool = False
     """torch.compile the model"""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default); results can differ in the last bits across thread counts"""
     run_name: str = ""
     """run directory name under $LMOPT_RUNS; empty: derived from the config (deterministic)"""
 
@@ -118,10 +120,12 @@ class TrainConfig:
         return cls(**checked)
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """A TOML file (or JSON, for files whose name ends in .json), then ``overrides``."""
         try:
-            values = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
+            text = Path(path).read_text()
+            values = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
         values.update(overrides or {})
         return cls.from_dict(values)
@@ -131,7 +135,7 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """A hash of everything that affects the result (not the run's name or logging cadence)."""
-        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints"}
+        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads"}
         content = {k: v for k, v in self.to_dict().items() if k not in cosmetic}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -173,7 +177,7 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed"):
+        for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
         for key in ("warmup_frac", "min_lr_ratio", "decay_frac"):

@@ -64,6 +64,8 @@ class Trainer:
                  log: Callable[[str], None] = print) -> None:
         self.cfg = cfg.validate()
         self.log = log
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
