@@ -30,7 +30,7 @@ def test_tokens_to_target_interpolates_linearly():
 
 
 def test_welch_says_no_difference_for_identical_samples_and_finds_a_clear_one():
-    t, p = welch([1.0, 1.1, 0.9], [1.0, 1.1, 0.9])
+    _, p = welch([1.0, 1.1, 0.9], [1.0, 1.1, 0.9])
     assert p == pytest.approx(1.0)
     _, p = welch([1.0, 1.01, 0.99], [2.0, 2.01, 1.99])
     assert p < 1e-4

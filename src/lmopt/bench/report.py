@@ -133,8 +133,8 @@ def verdict(claim: Claim, results: dict[str, OptimizerResult], sp: dict[str, dic
 # --- output -----------------------------------------------------------------------------------------------------
 
 
-def _fmt(x: float, spec: str = ".4f") -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def _fmt(x: float, spec: str = ".4f", unit: str = "") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec) + unit
 
 
 def _step_results(root: Path) -> dict | None:
@@ -193,8 +193,8 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
             f"| {rank} | `{r.name}` | {r.best_lr:.3g}{edge} | {grid} | "
             f"{r.mean:.4f} ± {_fmt(r.std)} (n={len(r.finals)}) "
             f"| {_fmt(s.get('delta'), '+.4f')}{significance} | {_fmt(verdict_p, '.3g')} | "
-            f"{_fmt(s.get('speedup'), '.2f')}x [{_fmt(s.get('low'), '.2f')}, {_fmt(s.get('high'), '.2f')}] | "
-            f"{_fmt(s.get('complete_runs'), '.2f')}x | {_fmt(time_ratio, '.2f')}x |"
+            f"{_fmt(s.get('speedup'), '.2f', 'x')} [{_fmt(s.get('low'), '.2f')}, {_fmt(s.get('high'), '.2f')}] | "
+            f"{_fmt(s.get('complete_runs'), '.2f', 'x')} | {_fmt(time_ratio, '.2f', 'x')} |"
         )
     lines += ["", "\\* significant at p < 0.05; otherwise the honest reading is *no significant difference*.", ""]
     if step:

@@ -110,14 +110,16 @@ class BenchRunner:
         return out
 
     def final_runs(self) -> list[RunSpec]:
-        """Every seed at the best lr, at the main budget and at each extra budget."""
+        """Every seed at the best lr at the main budget; the budget seeds at each extra budget."""
         s, records, out = self.suite, self.records(), []
+        budget_seeds = s.seeds if s.budget_seeds is None else s.budget_seeds
         for o in self.optimizers:
             found = best_lr(records, o, s.sweep_seed, s.steps)
             if found is None:
                 continue
-            for steps in (s.steps, *s.extra_steps):
-                out.extend(RunSpec(o, found[0], seed, steps) for seed in s.seeds)
+            out.extend(RunSpec(o, found[0], seed, s.steps) for seed in s.seeds)
+            for steps in s.extra_steps:
+                out.extend(RunSpec(o, found[0], seed, steps) for seed in budget_seeds)
         return out
 
     # --- running --------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ learning-rate grid around its registered default. ``lmopt bench run SUITE`` runs
 2. widening: while the best lr sits on an edge of the grid, one more point beyond that edge (up to
    ``max_widen`` per side), so that the reported best lr is interior or visibly at the limit;
 3. seeds: the remaining seeds at the best lr;
-4. budgets: each shorter budget of ``extra_steps`` at the best lr, every seed (complete schedules, so the
-   tokens-to-target comparison is also made at the end of full runs, not only along one curve).
+4. budgets: each shorter budget of ``extra_steps`` at the best lr, for ``budget_seeds`` (complete
+   schedules, so the tokens-to-target comparison is also made at the end of full runs, not only along one
+   curve).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Suite:
     lr_grids: Mapping[str, tuple[float, ...]]
     seeds: tuple[int, ...] = (0, 1, 2)
     extra_steps: tuple[int, ...] = ()
+    budget_seeds: tuple[int, ...] | None = None  # seeds of the extra budgets' runs (None: all seeds)
     optim_options: Mapping[str, dict] = field(default_factory=dict)
     schedule: str = "cosine"
     warmup_frac: float = 0.05
@@ -101,14 +103,14 @@ register(Suite(
     name="cpu-full",
     description=(
         "The CPU result: every registered optimizer on the nano preset (1.5M params) and the Brown corpus,\n"
-        "5-point lr grids (factor 2, widened at the edges), 3 seeds at the best lr, and a half budget.\n"
-        "Budget: 400 steps x 4,096 tokens = 1.64M tokens (1.2 epochs of the 1.38M-token training split).\n"
-        "Arithmetic: a nano step of 4,096 tokens takes ~0.22 s on one thread, so a run is ~90 s plus 16\n"
-        "evaluations; 11 optimizers x (5 lrs + ~1 widening + 2 seeds) x 1 + 11 x 3 half-budget runs\n"
-        "~ 130 runs ~ 3.3 core-hours, ~1.7 hours with --jobs 2 on 2 cores."
+        "5-point lr grids (factor 2, widened at the edges), 3 seeds at the best lr, and a half budget (seed 0).\n"
+        "Budget: 400 steps x 2,048 tokens = 819k tokens (0.59 epochs of the 1.38M-token training split).\n"
+        "Arithmetic: nano trains at ~6k tokens/s on one thread, so a run is ~140 s plus 16 evaluations of\n"
+        "32k tokens (~20 s); 11 optimizers x (5 lrs + ~1 widening + 2 seeds) + 11 half-budget runs\n"
+        "~ 94 full-run equivalents ~ 4.2 core-hours, ~2.1 hours with --jobs 2 on 2 cores."
     ),
-    preset="nano", data="brown", seq_len=128, batch_tokens=4096, steps=400, extra_steps=(200,),
-    lr_grids=default_grids(), eval_points=16, eval_tokens=65536,
+    preset="nano", data="brown", seq_len=128, batch_tokens=2048, steps=400, extra_steps=(200,), budget_seeds=(0,),
+    lr_grids=default_grids(), eval_points=16, eval_tokens=32768,
 ))
 
 register(Suite(

@@ -36,7 +36,7 @@ register(OptimizerSpec(
     source="Shazeer & Stern 2018, arXiv:1804.04235",
     builder=build_adafactor,
     defaults={"beta2_decay": -0.8, "eps2": 1e-3, "d": 1.0, "impl": "foreach"},
-    default_lr=1e-2,
+    default_lr=3e-2,
     default_weight_decay=0.0,
     state_bytes_per_param=0.0,  # O(rows + columns) per matrix: ~0 bytes per parameter
 ))

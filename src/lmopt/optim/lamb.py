@@ -59,7 +59,7 @@ register(OptimizerSpec(
     source="You et al. 2020, arXiv:1904.00962",
     builder=build_lamb,
     defaults={"betas": (0.9, 0.999), "eps": 1e-6, "max_trust": 10.0},
-    default_lr=5e-3,
+    default_lr=2e-2,
     default_weight_decay=0.01,
     state_bytes_per_param=8.0,
 ))
