@@ -214,6 +214,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- spectrum --------------------------------------------------------------------------------------------------
+
+
+def _add_spectrum_parser(sub) -> None:
+    p = sub.add_parser(
+        "spectrum", help="gradient spectra of a checkpoint: spike, energy CDFs, RelVar, Newton-Schulz alignment",
+        description="Measure the gradient spectra of chosen layers at one or more checkpoints (a checkpoint "
+        "directory, or a run directory for its latest checkpoint). Writes a JSON summary and PNG plots per "
+        "checkpoint into OUT/<run>-step<N>/; with several checkpoints, also OUT/compare.png overlaying them.",
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
+    p.add_argument("--layers", default="0,-1",
+                   help="comma-separated layer indices, negative from the end (default 0,-1)")
+    p.add_argument("--micro-batches", type=int, default=16, help="micro-batches averaged into G (default 16)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
+    p.add_argument("--out", default="results/spectrum", help="output directory (default results/spectrum)")
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmopt.analysis.collect import analyse_checkpoint
+    from lmopt.analysis.plots import plot_compare, plot_report
+    from lmopt.data.paths import atomic_write_text
+
+    try:
+        layers = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers takes comma-separated integers, got {args.layers!r}") from None
+    if args.micro_batches < 2:
+        raise ValueError("--micro-batches must be at least 2 (RelVar needs a variance)")
+    out = Path(args.out)
+    reports = []
+    for checkpoint in args.checkpoints:
+        report = analyse_checkpoint(checkpoint, layers, args.micro_batches, args.micro_batch_size)
+        target = out / f"{report['run']}-step{report['step']}"
+        target.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target / "summary.json", json.dumps(report))
+        plot_report(report, target)
+        spikes = ", ".join(f"{k.removeprefix('layers.').removesuffix('.weight')}: {v['spike']['size']} "
+                           f"({v['spike']['fraction']:.1%}, {v['spike']['energy_fraction']:.0%} of energy)"
+                           for k, v in report["matrices"].items())
+        _log(f"{target}: step {report['step']}; spikes {spikes}")
+        reports.append(report)
+    if len(reports) > 1:
+        _log(f"wrote {plot_compare(reports, out / 'compare.png')}")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------------------
 
 
@@ -226,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_data_parser(sub)
     _add_bench_parser(sub)
+    _add_spectrum_parser(sub)
     sub.add_parser("presets", help="list model presets with their parameter counts",
                    description="List the model presets: parameter counts (total and non-embedding) and shapes.")
     sub.add_parser("optimizers", help="list the optimizers in the registry",
@@ -234,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "data": _cmd_data, "bench": _cmd_bench, "presets": _cmd_presets,
-            "optimizers": _cmd_optimizers}
+COMMANDS = {"train": _cmd_train, "data": _cmd_data, "bench": _cmd_bench, "spectrum": _cmd_spectrum,
+            "presets": _cmd_presets, "optimizers": _cmd_optimizers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,3 +115,16 @@ def test_existing_run_is_not_overwritten_silently(runs_dir):
     with pytest.raises(ConfigError, match="already exists; pass --resume"):
         Trainer(cfg, log=lambda _: None)
     Trainer(cfg, overwrite=True, log=lambda _: None).run()
+
+
+def test_spectrum_during_training_changes_nothing_else(runs_dir):
+    base = dict(NANO, steps=4, ckpt_interval=0)
+    Trainer(TrainConfig(**base, run_name="plain"), log=lambda _: None).run()
+    Trainer(TrainConfig(**base, run_name="measured", spectrum_interval=2, spectrum_micro_batches=2),
+            log=lambda _: None).run()
+    assert train_losses(runs_dir / "plain") == train_losses(runs_dir / "measured")
+    files = sorted((runs_dir / "measured" / "spectrum").glob("*.json"))
+    assert [f.name for f in files] == ["step_00000002.json", "step_00000004.json"]
+    report = json.loads(files[0].read_text())
+    assert set(report["matrices"]) >= {"layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight"}
+    assert {"G", "M", "V"} == set(report["matrices"]["layers.1.mlp.up_proj.weight"]["cdf"])

@@ -88,6 +88,10 @@ class TrainConfig:
     """torch.compile the model"""
     threads: int = 0
     """CPU threads for torch (0: torch's default); results can differ in the last bits across thread counts"""
+    spectrum_interval: int = 0
+    """every this many steps, measure gradient spectra (layers 0 and -1) into <run>/spectrum/; 0: never"""
+    spectrum_micro_batches: int = 8
+    """micro-batches averaged per spectrum measurement (>= 2)"""
     run_name: str = ""
     """run directory name under $LMOPT_RUNS; empty: derived from the config (deterministic)"""
 
@@ -135,7 +139,8 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """A hash of everything that affects the result (not the run's name or logging cadence)."""
-        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads"}
+        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads", "spectrum_interval",
+                    "spectrum_micro_batches"}
         content = {k: v for k, v in self.to_dict().items() if k not in cosmetic}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -180,6 +185,8 @@ class TrainConfig:
         for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
+        if self.spectrum_interval < 0 or self.spectrum_micro_batches < 2:
+            raise ConfigError("spectrum_interval must be >= 0 and spectrum_micro_batches >= 2")
         for key in ("warmup_frac", "min_lr_ratio", "decay_frac"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key} must lie in [0, 1], got {getattr(self, key)}")

@@ -1,7 +1,8 @@
 """Machine-readable metrics: one JSON object per line in ``<run>/metrics.jsonl``.
 
 Records carry an ``event`` key: ``train`` (step, tokens, train_loss, lr, grad_norm, step_time, tokens_per_s,
-elapsed), ``eval`` (step, tokens, val_loss) and ``end`` (the run's summary).
+elapsed), ``eval`` (step, tokens, val_loss), ``spectrum`` (step, tokens, mean spike fraction; the full
+measurement is in ``<run>/spectrum/``), ``diverged`` and ``end`` (the run's summary).
 """
 
 from __future__ import annotations

@@ -198,6 +198,23 @@ class Trainer:
         self.metrics.write("eval", step=self.step, tokens=self.tokens, val_loss=val)
         self.log(f"step {self.step:>6}/{self.total_steps} | val loss {val:.4f}")
 
+    def _record_spectrum(self) -> None:
+        """Gradient spectra of layers 0 and -1 (lmopt.analysis); leaves weights, grads and data order as they were."""
+        from lmopt.analysis.collect import analyse_model
+
+        if not hasattr(self, "_spectrum_loader"):
+            self._spectrum_loader = BatchLoader(self.data.train, self.cfg.seq_len, self.cfg.micro_batch_size(),
+                                                seed=self.cfg.seed + 1)
+        reports = analyse_model(self.model, self.optimizer, self._spectrum_loader, [0, -1],
+                                self.cfg.spectrum_micro_batches, self.device)
+        record = {"run": self.run_dir.name, "step": self.step, "tokens": self.tokens, "preset": self.cfg.preset,
+                  "optimizer": self.cfg.optimizer, "micro_batches": self.cfg.spectrum_micro_batches,
+                  "matrices": reports}
+        atomic_write_text(self.run_dir / "spectrum" / f"step_{self.step:08d}.json", json.dumps(record))
+        spikes = [r["spike"]["fraction"] for r in reports.values()]
+        self.metrics.write("spectrum", step=self.step, tokens=self.tokens,
+                           mean_spike_fraction=sum(spikes) / len(spikes))
+
     def _save(self) -> None:
         state = {"tokens": self.tokens, "data": self.loader.state_dict(), "fingerprint": self.cfg.fingerprint(),
                  "val_history": self.val_history}
@@ -241,6 +258,8 @@ class Trainer:
                          f"ETA {format_duration(eta)}")
             if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self._record_eval()
+            if cfg.spectrum_interval and self.step % cfg.spectrum_interval == 0:
+                self._record_spectrum()
             if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == last_step:
                 self._save()
         summary = self.summary(timed_seconds) | {"complete": self.step >= self.total_steps}
