@@ -15,7 +15,8 @@ Our choices where the text is silent:
 - "modifies the standard AdamW update rule": decoupled weight decay as AdamW, on matrices.
 - σ is the spectral norm of the *parameter* W (as written), estimated by one power iteration per step from
   the previous step's right singular vector (``power_iters = 1``, cached in the state as ``power_vector``;
-  the first step starts from a seeded random vector and runs ``init_power_iters = 10``).
+  the first step starts from a seeded random vector and runs ``init_power_iters = 10``). On FSDP2 shards
+  the vector is a replicated DTensor, so a step communicates two vectors, never the matrix.
 - λ (``spectral_scale``) defaults to 0.1: our attention matrices start with σ ≈ 0.3-0.6, so attention steps
   grow 3-6% on top of the role scale (docs/optimizers.md); λ = 0 with ``role_lr_scales`` off is AdamW.
 - role lr scales: attention ×1.2, embedding ×0.8 (head, MLP, norms ×1). Gradient clipping is the trainer's
@@ -34,6 +35,7 @@ from lmopt.optim.common import (
     check_common,
     decoupled_weight_decay_,
 )
+from lmopt.optim.distributed import replicate_like
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
@@ -60,7 +62,7 @@ class ASA(LmoptOptimizer):
         if "power_vector" not in state:
             gen = torch.Generator().manual_seed(group["seed"] + p.shape[0] * 7919 + p.shape[1])
             v = torch.randn(p.shape[1], generator=gen)
-            state["power_vector"] = (v / v.norm()).to(p.device)
+            state["power_vector"] = replicate_like((v / v.norm()).to(p.device), p)
             iters = group["init_power_iters"]
         sigma, state["power_vector"] = power_iteration_sigma(p, state["power_vector"], iters)
         return sigma

@@ -32,12 +32,12 @@ def matrix_param_groups(model: nn.Module, weight_decay: float, matrix_roles=HIDD
     return groups
 
 
-def by_shape(params: list[Tensor]) -> dict[tuple, list[Tensor]]:
-    """Parameters grouped by (shape, dtype, device), in first-seen order, for batched matrix work."""
-    groups: dict[tuple, list[Tensor]] = defaultdict(list)
-    for p in params:
-        groups[(tuple(p.shape), p.dtype, p.device)].append(p)
-    return groups
+def by_shape_indices(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (shape, dtype, device), in first-seen order, for batched matrix work."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(tuple(t.shape), t.dtype, t.device)].append(i)
+    return list(groups.values())
 
 
 class MatrixOptimizer(LmoptOptimizer):

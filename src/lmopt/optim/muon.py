@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from lmopt.optim.common import check_betas, check_common
+from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
-from lmopt.optim.matrix import MatrixOptimizer, by_shape, matrix_param_groups
+from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
 
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -61,21 +62,33 @@ class Muon(MatrixOptimizer):
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
         momentum = group["momentum"]
-        for shape_params in by_shape(params).values():
-            updates = []
-            for p in shape_params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            ortho = newton_schulz(torch.stack(updates), group["ns_steps"], group["ns_coefficients"],
-                                  group["ns_eps"], NS_DTYPES[group["ns_dtype"]])
-            lr = adjusted_lr(group["lr"], shape_params[0].shape, group["adjust_lr"])
-            for p, update in zip(shape_params, ortho, strict=True):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-lr)
+        updates = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        for p, ortho in zip(params, self._orthogonalize(updates, group), strict=True):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(like_shard(ortho, p), alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr"]))
+
+    def _orthogonalize(self, updates: list[Tensor], group: dict) -> list[Tensor]:
+        """Newton–Schulz of every update, as whole matrices: batched per shape on one process; on FSDP2
+        shards each matrix is gathered and orthogonalised once, by its owner rank (see distributed.py)."""
+
+        def ns(X: Tensor) -> Tensor:
+            return newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
+                                 NS_DTYPES[group["ns_dtype"]])
+
+        if any(is_dtensor(u) for u in updates):
+            return [out[0] for out in owner_map(updates, lambda _, U: [ns(U).to(U.dtype)], lambda _, U: [U.shape])]
+        result: list[Tensor] = [torch.empty(0)] * len(updates)
+        for indices in by_shape_indices(updates):
+            for i, ortho in zip(indices, ns(torch.stack([updates[i] for i in indices])), strict=True):
+                result[i] = ortho
+        return result
 
 
 def build_muon(model, lr, weight_decay, **options) -> Muon:

@@ -29,6 +29,7 @@ from lmopt.optim.common import (
     check_common,
     decoupled_weight_decay_,
 )
+from lmopt.optim.distributed import replicate_like
 from lmopt.optim.roles import role_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
 
@@ -72,7 +73,7 @@ class OrthoAdam(LmoptOptimizer):
             state = self.state[p]
             if "rotation_seed" not in state:
                 state["rotation_seed"] = group["seed"] + self._param_index(p)
-            Q = self.rotation(p, state["rotation_seed"])
+            Q = replicate_like(self.rotation(p, state["rotation_seed"]), p)
             rotated_grad = p.grad @ Q
             step = adam_moments_(state, rotated_grad, beta1, beta2)
             direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])

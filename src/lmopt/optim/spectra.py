@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lmopt.optim.common import check_betas, check_common
+from lmopt.optim.distributed import like_shard, owner_map
 from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
 from lmopt.optim.matrix import MatrixOptimizer, matrix_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
@@ -98,23 +99,37 @@ class Spectra(MatrixOptimizer):
                                       rms_target=rms_target, adamw_betas=adamw_betas, eps=eps))
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
+        momenta = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["step"] = 0
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            M = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            momenta.append(state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]))
+
+        def shaped_update(i: int, M: Tensor) -> list[Tensor]:
+            """The RMS-normalised shaped momentum and the refreshed basis, from the whole matrix M."""
+            state = self.state[params[i]]
             wide = M if M.shape[0] <= M.shape[1] else M.mT  # (r, c), r <= c
-            if "basis" not in state:
-                k = spike_rank(*M.shape, group["rank_fraction"])
-                state["basis"] = top_left_singular_basis(wide, k)
+            basis = state.get("basis")
+            if basis is None:
+                basis = top_left_singular_basis(wide, spike_rank(*M.shape, group["rank_fraction"]))
             elif (state["step"] - 1) % group["refresh_interval"] == 0:
-                state["basis"] = block_power_iteration(wide, state["basis"], group["power_iters"])
-            shaped, _ = shape_spike(wide, state["basis"], group["shaping"], group["spike_scale"])
+                basis = block_power_iteration(wide, basis, group["power_iters"])
+            shaped, _ = shape_spike(wide, basis, group["shaping"], group["spike_scale"])
             shaped.mul_(group["rms_target"] / shaped.square().mean().sqrt().clamp(min=1e-30))
+            return [shaped if M.shape[0] <= M.shape[1] else shaped.mT, basis]
+
+        def result_shapes(i: int, M: Tensor) -> list[torch.Size]:
+            k = spike_rank(*M.shape, group["rank_fraction"])
+            return [M.shape, torch.Size((min(M.shape), k))]
+
+        # Whole-matrix work, once per matrix (by its owner rank when the matrices are FSDP2 shards).
+        for p, (update, basis) in zip(params, owner_map(momenta, shaped_update, result_shapes), strict=True):
+            self.state[p]["basis"] = basis
             p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(shaped if M.shape[0] <= M.shape[1] else shaped.mT, alpha=-group["lr"])
+            p.add_(like_shard(update, p), alpha=-group["lr"])
 
 
 def build_spectra(model, lr, weight_decay, **options) -> Spectra:

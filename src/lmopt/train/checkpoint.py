@@ -2,13 +2,18 @@
 
 Layout of ``<run>/checkpoints/step_00000100/``:
 
-    model.safetensors   the model's parameters (safetensors)
+    model.safetensors   the model's parameters (safetensors)                      single process
     optimizer.pt        optimizer and lr-scheduler state_dicts (tensors and plain values: weights_only load)
+    dcp/                model and optimizer state, sharded, by torch.distributed.checkpoint   FSDP2 runs
+                        (optimizer.pt then holds only the scheduler)
     rng.pt              torch CPU (and CUDA) RNG states
     trainer.json        step, tokens seen, data-loader position, config fingerprint
 
 The directory is written as ``.tmp-step_...`` and renamed into place, then ``<run>/checkpoints/latest`` (a
 file naming it) is replaced atomically, so a crash at any moment leaves the previous checkpoint whole.
+
+A ``dcp/`` checkpoint stores state by parameter name, unsharded on disk, so it loads on any number of ranks,
+a single process included (``torch.distributed.checkpoint`` reshards on load).
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lmopt.data.paths import atomic_write_text
 
@@ -37,28 +50,45 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict,
     keep: int = 2,
+    distributed: bool = False,
 ) -> Path:
+    """Write a checkpoint (every rank calls this when ``distributed``; rank 0 writes the small files)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    tmp = root / f".tmp-step_{step:08d}"
+    main = not distributed or dist.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if distributed:
+        dist.barrier()
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=str(tmp / "dcp"))
+        dist.barrier()
+        if not main:
+            dist.barrier()  # wait for rank 0 to move the checkpoint into place
+            return final
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    else:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state | {"step": step}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / "latest", final.name)
     _prune(root, keep)
+    if distributed:
+        dist.barrier()
     return final
 
 
@@ -82,9 +112,18 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and RNG in place; returns the trainer state."""
     path = Path(path)
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    if (path / "dcp").exists():  # saved by an FSDP2 run: reshard onto however many ranks load it
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    else:
+        if any(hasattr(p, "full_tensor") for p in model.parameters()):
+            raise ValueError(f"{path} is a single-process checkpoint; resume it without torchrun")
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
     states = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
+    if "optimizer" in states:
+        optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])

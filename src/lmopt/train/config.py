@@ -86,6 +86,8 @@ class TrainConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
     compile: bool = False
     """torch.compile the model"""
+    dist: str = "auto"
+    """auto (FSDP2 under torchrun with several processes) | none | fsdp | ddp"""
     threads: int = 0
     """CPU threads for torch (0: torch's default); results can differ in the last bits across thread counts"""
     spectrum_interval: int = 0
@@ -139,8 +141,8 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """A hash of everything that affects the result (not the run's name or logging cadence)."""
-        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads", "spectrum_interval",
-                    "spectrum_micro_batches"}
+        cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads", "dist",
+                    "spectrum_interval", "spectrum_micro_batches"}
         content = {k: v for k, v in self.to_dict().items() if k not in cosmetic}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -177,6 +179,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("dist", self.dist, ("auto", "none", "fsdp", "ddp"))
         positive = ("seq_len", "batch_tokens", "grad_accum", "eval_interval", "eval_tokens", "log_interval",
                     "keep_checkpoints")
         for key in positive:

@@ -43,3 +43,13 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class NullMetrics:
+    """What ranks other than 0 write: nothing."""
+
+    def write(self, event: str, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -22,10 +23,11 @@ import lmopt
 from lmopt.data import BatchLoader, eval_batches, load_prepared
 from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.model import build_model, get_preset
+from lmopt.model.parallelize import init_distributed, parallelize, resolve_mode, world_from_env
 from lmopt.optim import build
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmopt.train.config import ConfigError, TrainConfig
-from lmopt.train.metrics import MetricsWriter, read_metrics
+from lmopt.train.metrics import MetricsWriter, NullMetrics, read_metrics
 from lmopt.train.schedule import lr_factor
 
 
@@ -62,16 +64,30 @@ def format_duration(seconds: float) -> str:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                  log: Callable[[str], None] = print) -> None:
-        self.cfg = cfg.validate()
-        self.log = log
+        self.rank, self.world_size, local_rank = world_from_env()
+        self.cfg = cfg.validate(self.world_size)
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda _: None)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        self.mode = resolve_mode(cfg.dist, self.world_size)
+        if self.mode != "none":
+            if "WORLD_SIZE" not in os.environ:
+                raise ConfigError(f"dist {cfg.dist!r} needs several processes: launch with torchrun")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(self.device)
+            init_distributed(self.device)
+            if cfg.spectrum_interval:
+                raise ConfigError("spectrum_interval is single-process only; use `lmopt spectrum` on a checkpoint")
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.total_steps = cfg.num_steps()
         self.run_dir = runs_home() / (cfg.run_name or cfg.default_run_name())
-        self._prepare_run_dir(resume, overwrite)
+        if self.is_main:
+            self._prepare_run_dir(resume, overwrite)
+        self._barrier()
 
         # Build everything (and fail on bad names or options) before the first step.
         self.data = load_prepared(cfg.data, cfg.resolved_tokenizer())
@@ -79,8 +95,11 @@ class Trainer:
         if self.data.vocab_size > preset.config.vocab_size:
             raise ConfigError(f"data {cfg.data!r} has vocabulary {self.data.vocab_size} > the preset's "
                               f"{preset.config.vocab_size}")
-        self.model = build_model(preset.config, seed=cfg.seed, device=self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.model = build_model(preset.config, seed=cfg.seed, device=self.device)  # identical on every rank
+        wrapped = parallelize(self.model, self.mode, self.device, self.autocast_dtype is not None)
+        if self.mode == "fsdp":
+            self.autocast_dtype = None  # FSDP2's mixed-precision policy casts instead
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                total_steps=self.total_steps, **cfg.optim)
         warmup = round(cfg.warmup_frac * self.total_steps)
@@ -88,7 +107,8 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac),
         )
-        self.loader = BatchLoader(self.data.train, cfg.seq_len, cfg.micro_batch_size(), seed=cfg.seed)
+        self.loader = BatchLoader(self.data.train, cfg.seq_len, cfg.micro_batch_size(self.world_size), seed=cfg.seed,
+                                  rank=self.rank, world_size=self.world_size)
         self.step, self.tokens = 0, 0
         self.val_history: list[tuple[int, int, float]] = []
         self.resumed_from: Path | None = None
@@ -102,8 +122,8 @@ class Trainer:
             self.step, self.tokens = state["step"], state["tokens"]
             self.val_history = [tuple(v) for v in state["val_history"]]
             self.resumed_from = checkpoint
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
-                                     resume_step=self.step if self.resumed_from else None)
+        resume_step = self.step if self.resumed_from else None
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step) if self.is_main else NullMetrics()
         self._write_run_config()
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -123,7 +143,9 @@ class Trainer:
             "resolved": {
                 "tokenizer": self.cfg.resolved_tokenizer(),
                 "steps": self.total_steps,
-                "micro_batch_size": self.cfg.micro_batch_size(),
+                "micro_batch_size": self.cfg.micro_batch_size(self.world_size),
+                "world_size": self.world_size,
+                "dist": self.mode,
                 "params": self.model.num_params(),
                 "non_embedding_params": self.model.num_params(non_embedding=True),
                 "train_tokens_available": train_tokens,
@@ -140,7 +162,8 @@ class Trainer:
                 "python": platform.python_version(),
             },
         }
-        atomic_write_text(self.run_dir / "config.json", json.dumps(info, indent=2))
+        if self.is_main:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(info, indent=2))
         self.run_info = info
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -153,14 +176,30 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        total, count = 0.0, 0
-        for x, y in eval_batches(self.data.val, self.cfg.seq_len, self.cfg.micro_batch_size(), self.cfg.eval_tokens):
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x sequences, sequences)
+        for x, y in eval_batches(self.data.val, self.cfg.seq_len, self.cfg.micro_batch_size(self.world_size),
+                                 self.cfg.eval_tokens, self.rank, self.world_size):
             with self._autocast():
                 _, loss = self.forward(x.to(self.device), y.to(self.device))
-            total += loss.item() * x.shape[0]
-            count += x.shape[0]
+            sums += torch.stack([loss.detach().double() * x.shape[0], torch.tensor(x.shape[0], device=self.device)])
         self.model.train()
-        return total / count
+        sums = self._all_reduce(sums)
+        return (sums[0] / sums[1]).item()
+
+    def _all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.mode != "none":
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if op == "mean":
+                t /= self.world_size
+        return t
+
+    def _barrier(self) -> None:
+        if self.mode != "none":
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm) before the update."""
@@ -174,7 +213,10 @@ class Trainer:
             loss_sum += loss.detach()
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value, norm_value = (loss_sum / accum).item(), grad_norm.item()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # every rank sees the same mean loss, so a NaN on any rank stops all of them at the same step
+        loss_value = self._all_reduce((loss_sum / accum).detach().clone(), op="mean").item()
+        norm_value = grad_norm.item()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._diverged(loss_value, norm_value)
         self.optimizer.step()
@@ -190,6 +232,7 @@ class Trainer:
                    "Lower the learning rate or raise warm-up, then resume or restart.")
         self.metrics.write("diverged", step=self.step + 1, tokens=self.tokens, train_loss=loss, grad_norm=grad_norm)
         self.metrics.close()
+        self.close()
         raise TrainingDiverged(message)
 
     def _record_eval(self) -> None:
@@ -219,7 +262,7 @@ class Trainer:
         state = {"tokens": self.tokens, "data": self.loader.state_dict(), "fingerprint": self.cfg.fingerprint(),
                  "val_history": self.val_history}
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
-                        keep=self.cfg.keep_checkpoints)
+                        keep=self.cfg.keep_checkpoints, distributed=self.mode == "fsdp")
 
     def run(self, stop_at: int | None = None) -> dict:
         """Train to the end (or, with ``stop_at``, to that step, checkpointing there); returns the summary."""
@@ -263,15 +306,24 @@ class Trainer:
             if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == last_step:
                 self._save()
         summary = self.summary(timed_seconds) | {"complete": self.step >= self.total_steps}
-        if summary["complete"]:
+        if summary["complete"] and self.is_main:
             self.metrics.write("end", **summary)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.metrics.close()
         return summary
 
+    def close(self) -> None:
+        """Leave the process group (the trainer that joined it)."""
+        if self.mode != "none":
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def summary(self, seconds: float) -> dict:
         first, final = self.val_history[0][2], self.val_history[-1][2]
-        train = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["event"] == "train"]
+        metrics = read_metrics(self.run_dir / "metrics.jsonl") if self.is_main else []
+        train = [r for r in metrics if r["event"] == "train"]
         step_times = sorted(r["step_time"] for r in train)
         median = step_times[len(step_times) // 2] if step_times else float("nan")
         return {
@@ -290,4 +342,8 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> dict:
-    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log).run()
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, log=log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
