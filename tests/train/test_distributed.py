@@ -1,9 +1,10 @@
 """Real torch.distributed (gloo, 2 CPU processes under torchrun) against single-process training.
 
 Tolerances: FSDP2 reduce-scatters the gradient in a different summation order than one process's backward,
-so gradients agree to ~1e-7 relative (fp32). Normalising optimizers keep that at ~1e-7 in the weights per
-step; Muon's bf16 Newton-Schulz can flip a bf16 rounding (2^-8 relative) of one update element, which moves a
-weight by up to lr x 0.2 sqrt(n) x 2^-8 ~ 1e-4. Hence atol 2e-4 for Muon and 1e-5 for the rest, over 3 steps.
+so gradients agree to ~1e-7 relative (fp32), and normalising optimizers keep that at ~1e-7 in the weights per
+step: atol 1e-5 on the weights and rtol 1e-5 on the losses after 3 steps. Muon runs its Newton-Schulz in
+fp32 here (dist_worker.OPTIONS): in bf16 a one-ulp flip (2^-8 relative) of an update element is noise of the
+precision, not of the sharding, and it is amplified by the AdamW-driven embedding's sign-like first steps.
 """
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.train.dist_worker import BASE
+from tests.train.dist_worker import BASE, OPTIONS
 
 from lmopt.model import build_model, get_preset
 from lmopt.optim import build
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def torchrun(runs: Path, *args: str, env: dict | None = None, nproc: int = 2) -> None:
     environment = os.environ | {"LMOPT_RUNS": str(runs), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | (env or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(WORKER), *args]
     result = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -40,7 +41,8 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def single_process(runs: Path, name: str, steps: int) -> Trainer:
-    cfg = dict(BASE, dist="none", optimizer=name, steps=steps, run_name=f"single-{name}")
+    cfg = dict(BASE, dist="none", optimizer=name, optim=OPTIONS.get(name, {}), steps=steps,
+               run_name=f"single-{name}")
     trainer = Trainer(TrainConfig(**cfg), log=lambda _: None)
     trainer.run()
     return trainer
@@ -61,14 +63,13 @@ def test_fsdp2_matches_single_process(fsdp_runs, monkeypatch, name):
                                rtol=1e-5, atol=0)
     # the FSDP2 run's sharded (DCP) checkpoint, loaded into one process: same weights as the reference
     model = build_model(get_preset("nano").config, seed=0)
-    optimizer = build(name, model, total_steps=3)
+    optimizer = build(name, model, total_steps=3, **OPTIONS.get(name, {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     checkpoint = latest_checkpoint(fsdp_runs / f"fsdp-{name}")
     assert (checkpoint / "dcp").is_dir()
     load_checkpoint(checkpoint, model, optimizer, scheduler)
-    atol = 2e-4 if name == "muon" else 1e-5
     for (key, p), q in zip(model.named_parameters(), reference.model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=key)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("name", ["adamw", "spectra"])

@@ -35,7 +35,7 @@ from lmopt.optim.common import (
     check_common,
     decoupled_weight_decay_,
 )
-from lmopt.optim.distributed import replicate_like
+from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
@@ -64,7 +64,8 @@ class ASA(LmoptOptimizer):
             v = torch.randn(p.shape[1], generator=gen)
             state["power_vector"] = replicate_like((v / v.norm()).to(p.device), p)
             iters = group["init_power_iters"]
-        sigma, state["power_vector"] = power_iteration_sigma(p, state["power_vector"], iters)
+        sigma, v = power_iteration_sigma(p, state["power_vector"], iters)
+        state["power_vector"] = replicated(v)  # on shards Wᵀ(Wv) arrives as a pending sum: reduce it once
         return sigma
 
     def _step_group(self, group: dict) -> None:

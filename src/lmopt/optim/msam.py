@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lmopt.optim.common import LmoptOptimizer, check_betas, check_common, decoupled_weight_decay_
+from lmopt.optim.distributed import replicated
 from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
 
@@ -77,7 +78,7 @@ class MSAM(LmoptOptimizer):
                 state["step"] = 0
                 for key in ("fast", "slow", "exp_avg_sq"):
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            gamma = gradient_stability(grad, state["slow"], group["stability"])
+            gamma = replicated(gradient_stability(grad, state["slow"], group["stability"]))
             state["gamma"] = gamma
             state["step"] += 1
             t = state["step"]

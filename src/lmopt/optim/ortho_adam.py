@@ -41,6 +41,11 @@ def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float32) -> 
     return (q * torch.sign(torch.diagonal(r))).to(dtype)
 
 
+def rotate(x: Tensor, Q: Tensor) -> Tensor:
+    """x Q along x's last dimension (a 1-D x as a row, which also works on sharded DTensors)."""
+    return x @ Q if x.dim() > 1 else (x.unsqueeze(0) @ Q).squeeze(0)
+
+
 class OrthoAdam(LmoptOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, seed: int = 0) -> None:
@@ -74,11 +79,11 @@ class OrthoAdam(LmoptOptimizer):
             if "rotation_seed" not in state:
                 state["rotation_seed"] = group["seed"] + self._param_index(p)
             Q = replicate_like(self.rotation(p, state["rotation_seed"]), p)
-            rotated_grad = p.grad @ Q
+            rotated_grad = rotate(p.grad, Q)
             step = adam_moments_(state, rotated_grad, beta1, beta2)
             direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
             decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-            p.sub_(direction @ Q.mT, alpha=group["lr"])
+            p.sub_(rotate(direction, Q.mT), alpha=group["lr"])
 
 
 def build_ortho_adam(model, lr, weight_decay, **options) -> OrthoAdam:
