@@ -260,6 +260,16 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         reports.append(report)
     if len(reports) > 1:
         _log(f"wrote {plot_compare(reports, out / 'compare.png')}")
+    from lmopt.analysis.spectrum import summary_table
+    from lmopt.train.trainer import git_commit
+
+    table = summary_table(reports)
+    command = "lmopt spectrum " + " ".join(args.checkpoints) + f" --layers {args.layers} --micro-batches " \
+        f"{args.micro_batches} --micro-batch-size {args.micro_batch_size} --out {args.out}"
+    note = (f"Medians over the measured matrices (layers {args.layers}). Made by `{command}` at commit "
+            f"`{git_commit()}`.\n\n")
+    atomic_write_text(out / "summary.md", note + table + "\n")
+    _log(table)
     return 0
 
 

@@ -36,7 +36,7 @@ def resume(steps: int) -> None:
 
 
 def nan_on_one_rank(steps: int) -> None:
-    trainer = Trainer(TrainConfig(**BASE, steps=steps, ckpt_interval=2, run_name="nan"), log=quiet)
+    trainer = Trainer(TrainConfig(**dict(BASE, steps=steps, ckpt_interval=2, run_name="nan")), log=quiet)
     rank = int(os.environ["RANK"])
 
     def poison(module, inputs, output):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.train.dist_worker import BASE, OPTIONS
 
 from lmopt.model import build_model, get_preset
 from lmopt.optim import build
@@ -23,6 +22,7 @@ from lmopt.registry import OPTIMIZERS
 from lmopt.train import TrainConfig, Trainer
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint
 from lmopt.train.metrics import read_metrics
+from tests.train.dist_worker import BASE, OPTIONS
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,8 +77,9 @@ def test_fsdp2_resume_is_exact_and_loads_on_one_rank(tmp_path, monkeypatch, name
     torchrun(tmp_path, "resume", "6", env={"OPTIMIZER": name})
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(straight) == 6 and straight == resumed  # 2 ranks -> checkpoint -> 2 ranks: bit-exact
-    # the same checkpoint continued by a single process
+    # the 2-rank checkpoint of step 3 continued by a single process
     monkeypatch.setenv("LMOPT_RUNS", str(tmp_path))
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step_00000003")
     cfg = dict(BASE, dist="none", optimizer=name, steps=6, ckpt_interval=3, run_name="resumed")
     trainer = Trainer(TrainConfig(**cfg), resume=True, log=lambda _: None)
     assert trainer.step == 3

@@ -102,3 +102,43 @@ def matrix_report(micro_grads: Tensor, first_moment: Tensor | None = None, secon
         if moment is not None:
             report["cdf"][key] = energy_cdf(singular_values(moment)).tolist()
     return report
+
+
+def summary_row(report: dict, spike_fraction: float = 0.015, head: int = 3, tail: int = 50) -> dict:
+    """Medians over a checkpoint's matrices of each measurement (the table `lmopt spectrum` writes)."""
+    import statistics
+
+    def med(values):
+        return statistics.median(values)
+
+    def at_fraction(cdf):
+        return cdf[max(0, int(spike_fraction * len(cdf)) - 1)]
+
+    matrices = list(report["matrices"].values())
+    row = {
+        "step": report["step"],
+        "spike_fraction": med([m["spike"]["fraction"] for m in matrices]),
+        "spike_energy": med([m["spike"]["energy_fraction"] for m in matrices]),
+        "relvar_head": med([sum(m["relvar"][:head]) / head for m in matrices]) if "relvar" in matrices[0] else None,
+        "relvar_tail": med([sum(m["relvar"][-tail:]) / tail for m in matrices]) if "relvar" in matrices[0] else None,
+        "ns_alignment_head": med([sum(m["ns_alignment"][:head]) / head for m in matrices]),
+        "ns_alignment_tail": med([sum(m["ns_alignment"][-tail:]) / tail for m in matrices]),
+    }
+    for key in ("G", "M", "V"):
+        if key in matrices[0]["cdf"]:
+            row[f"cdf_{key}"] = med([at_fraction(m["cdf"][key]) for m in matrices])
+    return row
+
+
+def summary_table(reports: list[dict]) -> str:
+    """A Markdown table of :func:`summary_row` for each checkpoint."""
+    header = ("| step | spike (share of directions) | spike energy | RelVar head / tail | NS alignment head / tail "
+              "| energy in top 1.5%: G / M / V |")
+    lines = [header, "|---:|---:|---:|---:|---:|---:|"]
+    for report in reports:
+        r = summary_row(report)
+        relvar = f"{r['relvar_head']:.3g} / {r['relvar_tail']:.3g}" if r["relvar_head"] is not None else "—"
+        cdf = " / ".join(f"{r[f'cdf_{k}']:.2f}" if f"cdf_{k}" in r else "—" for k in ("G", "M", "V"))
+        lines.append(f"| {r['step']} | {r['spike_fraction']:.2%} | {r['spike_energy']:.2f} | {relvar} | "
+                     f"{r['ns_alignment_head']:.3f} / {r['ns_alignment_tail']:.3f} | {cdf} |")
+    return "\n".join(lines)

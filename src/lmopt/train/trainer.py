@@ -318,6 +318,7 @@ class Trainer:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()  # every rank reaches the end (or the same diverged step) before teardown
                 dist.destroy_process_group()
 
     def summary(self, seconds: float) -> dict:
