@@ -170,7 +170,7 @@ def _add_bench_parser(sub) -> None:
 
     p = sub.add_parser("bench", help="run benchmark suites and write their leaderboards",
                        description="Benchmarks: tuned (lr-swept), multi-seed comparisons against AdamW.")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="{run,report,list}")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="{run,report,list,step}")
     run = bench_sub.add_parser(
         "run", help="run (or continue) every run of a suite",
         description="Run a suite: lr sweep (seed 0), widening at grid edges, the other seeds and budgets at the "
@@ -184,6 +184,16 @@ def _add_bench_parser(sub) -> None:
                                description="Write the leaderboard, plots and claims table from results/SUITE/runs.")
     rep.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
     bench_sub.add_parser("list", help="list the suites", description="List the registered benchmark suites.")
+    step = bench_sub.add_parser(
+        "step", help="optimizer step time and state memory vs fused AdamW",
+        description="Time one optimizer step (gradients present, warm-up excluded, interleaved repeats, median) "
+        "and measure optimizer state for every registered optimizer on a preset's parameter shapes; ratios to "
+        "torch's fused AdamW from the same run. Writes results/step/<device>-<preset>.md and .json.",
+    )
+    step.add_argument("--preset", default="qwen3-134m", help="model preset whose shapes to use (default qwen3-134m)")
+    step.add_argument("--repeats", type=int, default=5, help="timed steps per optimizer (default 5)")
+    step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    step.add_argument("--out", default="results/step", help="output directory (default results/step)")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -198,6 +208,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             table.add_row(s.name, s.preset, s.data, f"{s.tokens():,}", str(len(s.optimizers)), str(len(s.seeds)),
                           s.description)
         console.print(table)
+        return 0
+    if args.bench_command == "step":
+        from pathlib import Path
+
+        from lmopt.bench.step import run_step_benchmark, write_step_results
+        from lmopt.train.trainer import git_commit
+
+        result = run_step_benchmark(args.preset, args.repeats, args.warmup, log=_log)
+        command = f"lmopt bench step --preset {args.preset} --repeats {args.repeats} --warmup {args.warmup}"
+        path = write_step_results(result, Path(args.out), command, git_commit())
+        _log(path.read_text())
         return 0
     SUITES.get(args.suite)
     if args.bench_command == "run":

@@ -81,3 +81,20 @@ def test_a_tiny_suite_end_to_end(tmp_path, monkeypatch):
     runner2 = BenchRunner(suite, jobs=1, results_root=tmp_path / "results", log=ran.append)
     runner2.run()
     assert not any("runs to do" in line for line in ran)
+
+
+def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
+    """Structure only: timings are measured by the command, never asserted."""
+    from lmopt.bench.step import BASELINE, run_step_benchmark, write_step_results
+    from lmopt.registry import OPTIMIZERS
+
+    result = run_step_benchmark("nano", repeats=1, warmup=1, log=lambda _: None)
+    rows = result["results"]
+    assert set(OPTIMIZERS.names()) - {"adamw"} <= set(rows) and BASELINE in rows
+    assert rows[BASELINE]["time_vs_fused_adamw"] == 1.0 and rows[BASELINE]["state_vs_adamw"] == 1.0
+    # Spectra holds ~half of AdamW's state on the hidden matrices but a full AdamW state on the embedding,
+    # which is 2/3 of nano's parameters: (1.05M x 8 + 0.49M x 4.06) / (1.54M x 8) = 0.84
+    assert rows["spectra"]["state_vs_adamw"] == pytest.approx(0.84, abs=0.01)
+    assert rows["adafactor"]["state_vs_adamw"] < 0.1
+    path = write_step_results(result, tmp_path, "lmopt bench step --preset nano", "abc")
+    assert "| spectra |" in path.read_text()
