@@ -37,8 +37,8 @@ from lmopt.optim.common import (
 )
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.kernels import power_iteration_sigma
-from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.roles import ATTENTION_ROLES
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 PAPER_ROLE_LR_SCALES = {"attn_q": 1.2, "attn_k": 1.2, "attn_v": 1.2, "attn_o": 1.2, "embedding": 0.8}
 
@@ -83,15 +83,11 @@ class ASA(LmoptOptimizer):
             p.sub_(direction, alpha=lr)
 
 
-def build_asa(model, lr, weight_decay, **options) -> ASA:
-    return ASA(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="asa",
     summary="ASA: AdamW whose attention steps are scaled by (1 + λ·spectral norm), role lr scales",
     source="Aardvark 2025, Attentive Spectral Adam (shared/papers)",
-    builder=build_asa,
+    builder=grouped_builder(ASA),
     defaults={"betas": (0.9, 0.95), "eps": 1e-8, "spectral_scale": 0.1, "power_iters": 1,
               "init_power_iters": 10, "role_lr_scales": True, "seed": 0},
     default_lr=5e-3,

@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 
 from lmopt.optim.adamw import impl_flags
-from lmopt.optim.roles import role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 QK_ROLES = ("attn_q", "attn_k")
 PAPER_QK_LR_SCALE = 3.5e-4 / 3e-4  # = 7/6
@@ -58,15 +57,11 @@ class ASM(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl_flags(impl))
 
 
-def build_asm(model, lr, weight_decay, **options) -> ASM:
-    return ASM(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="asm",
     summary="ASM: AdamW with attention q/k overrides (lr x7/6, beta1 0.97, no weight decay)",
     source="Aardvark 2025, Attentive Spectral Momentum (shared/papers)",
-    builder=build_asm,
+    builder=grouped_builder(ASM),
     defaults={"betas": (0.95, 0.95), "eps": 1e-8, "role_overrides": True, "qk_lr_scale": PAPER_QK_LR_SCALE,
               "qk_beta1": PAPER_QK_BETA1, "impl": "fused"},
     default_lr=5e-3,

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from lmopt.optim.common import LmoptOptimizer, adam_direction, adam_moments_, check_betas, check_common
-from lmopt.optim.roles import role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
 def lamb_update(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, max_trust: float) -> torch.Tensor:
@@ -49,15 +48,11 @@ class LAMB(LmoptOptimizer):
             p.sub_(lamb_update(direction, p, group["weight_decay"], group["max_trust"]), alpha=group["lr"])
 
 
-def build_lamb(model, lr, weight_decay, **options) -> LAMB:
-    return LAMB(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="lamb",
     summary="LAMB: Adam direction rescaled per tensor by the trust ratio ||w|| / ||update||",
     source="You et al. 2020, arXiv:1904.00962",
-    builder=build_lamb,
+    builder=grouped_builder(LAMB),
     defaults={"betas": (0.9, 0.999), "eps": 1e-6, "max_trust": 10.0},
     default_lr=2e-2,
     default_weight_decay=0.01,

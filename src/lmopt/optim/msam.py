@@ -32,8 +32,8 @@ from torch import Tensor
 
 from lmopt.optim.common import LmoptOptimizer, check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicated
-from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.roles import ATTENTION_ROLES
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 STABILITY_MEASURES = ("cosine", "variance")
 
@@ -92,15 +92,11 @@ class MSAM(LmoptOptimizer):
             p.addcdiv_(m_hat, denom, value=-group["lr"])
 
 
-def build_msam(model, lr, weight_decay, **options) -> MSAM:
-    return MSAM(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="msam",
     summary="MSAM: Adam with fast+slow momenta mixed per role by gradient stability",
     source="Aardvark 2025, Multi-Scale Adaptive Momentum (shared/papers)",
-    builder=build_msam,
+    builder=grouped_builder(MSAM),
     defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "stability": "cosine"},
     default_lr=5e-3,
     default_weight_decay=0.1,

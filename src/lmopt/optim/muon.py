@@ -29,7 +29,7 @@ from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -91,15 +91,11 @@ class Muon(MatrixOptimizer):
         return result
 
 
-def build_muon(model, lr, weight_decay, **options) -> Muon:
-    return Muon(matrix_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="muon",
     summary="Muon: Nesterov momentum orthogonalised by Newton-Schulz on hidden matrices; AdamW elsewhere",
     source="Jordan et al. 2024 (kellerjordan.github.io/posts/muon); Liu et al. 2025, arXiv:2502.16982",
-    builder=build_muon,
+    builder=grouped_builder(Muon, matrix_param_groups),
     defaults={"momentum": 0.95, "nesterov": True, "ns_steps": NS_STEPS, "ns_dtype": "bfloat16",
               "adjust_lr": "match_rms_adamw", "adamw_betas": (0.9, 0.95), "eps": 1e-8},
     default_lr=5e-3,

@@ -30,8 +30,7 @@ from lmopt.optim.common import (
     decoupled_weight_decay_,
 )
 from lmopt.optim.distributed import replicate_like
-from lmopt.optim.roles import role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
 def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -86,15 +85,11 @@ class OrthoAdam(LmoptOptimizer):
             p.sub_(rotate(direction, Q.mT), alpha=group["lr"])
 
 
-def build_ortho_adam(model, lr, weight_decay, **options) -> OrthoAdam:
-    return OrthoAdam(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="ortho-adam",
     summary="OrthoAdam: AdamW in a fixed random orthogonal basis per tensor (spreads outlier coordinates)",
     source="Kaul et al. 2024, 'From Attention to Activation'",
-    builder=build_ortho_adam,
+    builder=grouped_builder(OrthoAdam),
     defaults={"betas": (0.9, 0.95), "eps": 1e-8, "seed": 0},
     default_lr=5e-3,
     default_weight_decay=0.1,

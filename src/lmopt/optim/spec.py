@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from lmopt.optim.roles import role_param_groups
 from lmopt.registry import OPTIMIZERS
 
 
@@ -29,6 +30,20 @@ class OptimizerSpec:
     state_bytes_per_param: float = 8.0  # fp32 state per parameter, on the matrices it owns
     kind: str = "elementwise"  # "elementwise" or "matrix"
     needs_total_steps: bool = False  # the builder takes total_steps (the trainer passes the run's length)
+
+
+def grouped_builder(cls: type[Optimizer], groups: Callable[..., list[dict]] | None = None) -> Callable[..., Optimizer]:
+    """The registry builder of an lmopt optimizer class: ``cls(groups(model, weight_decay), lr=..., ...)``.
+
+    ``groups`` defaults to :func:`lmopt.optim.roles.role_param_groups`; matrix optimizers pass
+    :func:`lmopt.optim.matrix.matrix_param_groups`.
+    """
+    make_groups = groups or role_param_groups
+
+    def builder(model: nn.Module, lr: float, weight_decay: float, **options: Any) -> Optimizer:
+        return cls(make_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+    return builder
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:

@@ -40,7 +40,7 @@ from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import like_shard, owner_map
 from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
 from lmopt.optim.matrix import MatrixOptimizer, matrix_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 SHAPINGS = ("clip", "remove", "scale")
 
@@ -132,15 +132,11 @@ class Spectra(MatrixOptimizer):
             p.add_(like_shard(update, p), alpha=-group["lr"])
 
 
-def build_spectra(model, lr, weight_decay, **options) -> Spectra:
-    return Spectra(matrix_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="spectra",
     summary="Spectra: momentum whose top ~1.5% singular directions are clipped to the tail's scale",
     source="Huang et al. 2025, 'Spectra: Rethinking Optimizers for LLMs Under Spectral Anisotropy'",
-    builder=build_spectra,
+    builder=grouped_builder(Spectra, matrix_param_groups),
     defaults={"momentum": 0.95, "rank_fraction": 0.015, "power_iters": 1, "refresh_interval": 1,
               "shaping": "clip", "spike_scale": 0.5, "rms_target": 0.2, "adamw_betas": (0.9, 0.95), "eps": 1e-8},
     default_lr=5e-3,

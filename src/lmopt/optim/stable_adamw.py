@@ -25,8 +25,7 @@ from lmopt.optim.common import (
     check_common,
     decoupled_weight_decay_,
 )
-from lmopt.optim.roles import role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
 def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
@@ -54,15 +53,11 @@ class StableAdamW(LmoptOptimizer):
             p.sub_(direction.div_(clip), alpha=lr)
 
 
-def build_stable_adamw(model, lr, weight_decay, **options) -> StableAdamW:
-    return StableAdamW(role_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
-
-
 register(OptimizerSpec(
     name="stable-adamw",
     summary="StableAdamW: AdamW whose per-tensor step shrinks when RMS(g²/v̂) exceeds 1",
     source="Wortsman et al. 2023, arXiv:2304.13013",
-    builder=build_stable_adamw,
+    builder=grouped_builder(StableAdamW),
     defaults={"betas": (0.9, 0.95), "eps": 1e-8},
     default_lr=5e-3,
     default_weight_decay=0.1,
