@@ -193,6 +193,12 @@ def _add_bench_parser(sub) -> None:
     step.add_argument("--preset", default="qwen3-134m", help="model preset whose shapes to use (default qwen3-134m)")
     step.add_argument("--repeats", type=int, default=5, help="timed steps per optimizer (default 5)")
     step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    step.add_argument("--train-preset", default="tiny",
+                      help="preset of the training-step and trainer-overhead measurements (default tiny); "
+                      "'none' skips them")
+    step.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    step.add_argument("--only", nargs="+", metavar="NAME", help="only these rows (as the table names them)")
+    step.add_argument("--no-compiled", action="store_true", help="skip the torch.compile variants")
     step.add_argument("--out", default="results/step", help="output directory (default results/step)")
 
 
@@ -212,12 +218,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "step":
         from pathlib import Path
 
-        from lmopt.bench.step import run_step_benchmark, write_step_results
+        import torch
+
+        from lmopt.bench import step as bench_step
         from lmopt.train.trainer import git_commit
 
-        result = run_step_benchmark(args.preset, args.repeats, args.warmup, log=_log)
-        command = f"lmopt bench step --preset {args.preset} --repeats {args.repeats} --warmup {args.warmup}"
-        path = write_step_results(result, Path(args.out), command, git_commit())
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        compiled = not args.no_compiled
+        result = bench_step.run_step_benchmark(args.preset, args.repeats, args.warmup, args.only, compiled, log=_log)
+        if args.train_preset != "none":
+            result["train_step"] = bench_step.run_train_step_benchmark(args.train_preset, only=args.only,
+                                                                       compiled=compiled, log=_log)
+            result["trainer_overhead"] = bench_step.run_trainer_overhead(args.train_preset, log=_log)
+        command = " ".join(["lmopt", *sys.argv[1:]])
+        path = bench_step.write_step_results(result, Path(args.out), command, git_commit())
         _log(path.read_text())
         return 0
     SUITES.get(args.suite)

@@ -85,16 +85,30 @@ def test_a_tiny_suite_end_to_end(tmp_path, monkeypatch):
 
 def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     """Structure only: timings are measured by the command, never asserted."""
-    from lmopt.bench.step import BASELINE, run_step_benchmark, write_step_results
+    from lmopt.bench.step import (
+        BASELINE,
+        run_step_benchmark,
+        run_train_step_benchmark,
+        run_trainer_overhead,
+        write_step_results,
+    )
     from lmopt.registry import OPTIMIZERS
 
-    result = run_step_benchmark("nano", repeats=1, warmup=1, log=lambda _: None)
+    result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, log=lambda _: None)
     rows = result["results"]
     assert set(OPTIMIZERS.names()) - {"adamw"} <= set(rows) and BASELINE in rows
+    assert {"spectra (per-matrix)", "spectra (refresh every 10)", "torch.optim.Muon (matrices only)"} <= set(rows)
     assert rows[BASELINE]["time_vs_fused_adamw"] == 1.0 and rows[BASELINE]["state_vs_adamw"] == 1.0
     # Spectra holds ~half of AdamW's state on the hidden matrices but a full AdamW state on the embedding,
     # which is 2/3 of nano's parameters: (1.05M x 8 + 0.49M x 4.06) / (1.54M x 8) = 0.84
     assert rows["spectra"]["state_vs_adamw"] == pytest.approx(0.84, abs=0.01)
     assert rows["adafactor"]["state_vs_adamw"] < 0.1
-    path = write_step_results(result, tmp_path, "lmopt bench step --preset nano", "abc")
-    assert "| spectra |" in path.read_text()
+    result["train_step"] = run_train_step_benchmark("nano", seq_len=64, batch_tokens=256, repeats=1, warmup=1,
+                                                    only=["spectra"], compiled=False, log=lambda _: None)
+    assert set(result["train_step"]["results"]) == {BASELINE, "spectra"}
+    assert result["train_step"]["results"][BASELINE]["time_vs_adamw"] == 1.0
+    result["trainer_overhead"] = run_trainer_overhead("nano", steps=2, rounds=1, seq_len=64, batch_tokens=256,
+                                                      log=lambda _: None)
+    assert result["trainer_overhead"]["ratio"] > 0
+    text = write_step_results(result, tmp_path, "lmopt bench step --preset nano", "abc").read_text()
+    assert "| spectra |" in text and "## Training step" in text and "| ratio |" in text

@@ -1,17 +1,30 @@
-"""``lmopt bench step``: the time of one optimizer step and the optimizer's state memory, on a preset's real
-parameter shapes, for every registered optimizer, as ratios to the fastest torch AdamW measured in the same run.
+"""``lmopt bench step``: what an optimizer costs, as ratios to the fastest torch AdamW measured in the same run.
 
-Gradients are random (fixed seed) and already present; every optimizer first takes ``warmup`` steps (state
-created, caches filled), then the repeats are interleaved (optimizer A, B, C, ..., A, B, C, ...) so that
-machine noise hits all alike; the median is reported. Baseline: torch AdamW ``fused=True``; the foreach and
-for-loop AdamW and ``torch.optim.Muon`` (on the same hidden matrices, AdamW excluded) are shown beside it.
+Three measurements, each written to ``results/step/<device>-<preset>.md`` and ``.json``:
+
+1. **Optimizer step** on a preset's real parameter shapes (default ``qwen3-134m``): gradients are random
+   (fixed seed) and present; every optimizer first takes ``warmup`` steps (state created, caches filled,
+   ``torch.compile`` done), then the repeats are interleaved (A, B, C, ..., A, B, C, ...) so that machine noise
+   hits all alike; the median is reported with the state bytes. Baseline: torch AdamW ``fused=True``; the
+   foreach and for-loop AdamW, the compiled path of every per-tensor optimizer, Spectra's refresh intervals
+   and per-matrix path, and ``torch.optim.Muon`` against lmopt's Muon on the same hidden matrices are beside it.
+2. **Training step** (forward + backward + clip + step) of every optimizer on a smaller preset and real text,
+   interleaved the same way, as ratios to AdamW's.
+3. **``lmopt train`` against a bare loop**: the trainer (metrics JSONL, progress, the lr schedule, loss and
+   grad-norm reads) against the plainest loop over the same model, data, optimizer and schedule, in alternating
+   rounds; evaluation and checkpoint time are excluded from the trainer's time (the bare loop has neither).
+
+Timings are wall-clock medians in one process with ``threads`` pinned; they belong in results files, never in
+tests.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +32,12 @@ from pathlib import Path
 import torch
 
 from lmopt.data.paths import atomic_write_text
-from lmopt.model import Qwen3, get_preset
+from lmopt.model import Qwen3, build_model, get_preset
 from lmopt.optim import Muon, build, matrix_param_groups
 from lmopt.registry import OPTIMIZERS
 
 BASELINE = "adamw (fused)"
+SPECTRA_REFRESH = 10  # the refresh interval measured beside Spectra's default
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -31,70 +45,238 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def _candidates(model: torch.nn.Module) -> dict[str, Callable[[], torch.optim.Optimizer]]:
-    out: dict[str, Callable[[], torch.optim.Optimizer]] = {
-        BASELINE: lambda: build("adamw", model, impl="fused"),
-        "adamw (foreach)": lambda: build("adamw", model, impl="foreach"),
-        "adamw (for-loop)": lambda: build("adamw", model, impl="for-loop"),
-    }
+def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
+    """Name shown -> (registered optimizer, options): every optimizer at its defaults, plus the variants."""
+    out: dict[str, tuple[str, dict]] = {BASELINE: ("adamw", {"impl": "fused"})}
     for name in OPTIMIZERS.names():
         if name != "adamw":
-            out[name] = lambda name=name: build(name, model, total_steps=1000)
+            out[name] = (name, {})
+        if compiled and "compiled" in OPTIMIZERS.get(name).impls:
+            out[f"{name} (compiled)"] = (name, {"impl": "compiled"})
+    out["spectra (per-matrix)"] = ("spectra", {"impl": "per-matrix"})
+    out[f"spectra (refresh every {SPECTRA_REFRESH})"] = ("spectra", {"refresh_interval": SPECTRA_REFRESH})
+    return out
+
+
+def _step_candidates(model: torch.nn.Module, compiled: bool) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    out: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        shown: (lambda name=name, opts=opts: build(name, model, total_steps=1000, **opts))
+        for shown, (name, opts) in optimizer_variants(compiled).items()
+    }
+    out["adamw (foreach)"] = lambda: build("adamw", model, impl="foreach")
+    out["adamw (for-loop)"] = lambda: build("adamw", model, impl="for-loop")
+    out["adafactor (for-loop)"] = lambda: build("adafactor", model, impl="for-loop")
     matrices = [p for g in matrix_param_groups(model, 0.1) if g["matrix"] for p in g["params"]]
     out["torch.optim.Muon (matrices only)"] = lambda: torch.optim.Muon(matrices, lr=1e-3)
     out["lmopt muon (matrices only)"] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original")
     return out
 
 
+def _interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _machine(threads: int) -> dict:
+    return {"threads": threads, "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
 def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int = 2,
-                       only: list[str] | None = None, log=print) -> dict:
+                       only: list[str] | None = None, compiled: bool = True, log=print) -> dict:
+    """Optimizer step time and state memory of every candidate on ``preset``'s parameter shapes."""
     torch.manual_seed(0)
     model = Qwen3(get_preset(preset).config)
     model.init_weights(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    candidates = {k: v for k, v in _candidates(model).items() if not only or k in only or k == BASELINE}
+    candidates = {k: v for k, v in _step_candidates(model, compiled).items() if not only or k in only
+                  or k == BASELINE}
     optimizers = {}
     for name, make in candidates.items():
+        start = time.perf_counter()
         opt = make()
         for _ in range(warmup):
             opt.step()
         optimizers[name] = opt
-        log(f"warmed up {name}")
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(repeats):
-        for name, opt in optimizers.items():
-            start = time.perf_counter()
-            opt.step()
-            times[name].append(time.perf_counter() - start)
+        log(f"warmed up {name} ({time.perf_counter() - start:.1f} s)")
+    medians = _interleaved_medians({name: opt.step for name, opt in optimizers.items()}, repeats)
     n_params = sum(p.numel() for p in model.parameters())
-    base_time = statistics.median(times[BASELINE])
-    base_state = state_bytes(optimizers[BASELINE])
+    base_time, base_state = medians[BASELINE], state_bytes(optimizers[BASELINE])
     rows = {}
     for name, opt in optimizers.items():
-        t = statistics.median(times[name])
         s = state_bytes(opt)
-        rows[name] = {"step_seconds": t, "time_vs_fused_adamw": t / base_time, "state_bytes": s,
-                      "state_bytes_per_param": s / n_params, "state_vs_adamw": s / base_state}
+        rows[name] = {"step_seconds": medians[name], "time_vs_fused_adamw": medians[name] / base_time,
+                      "state_bytes": s, "state_bytes_per_param": s / n_params, "state_vs_adamw": s / base_state}
     return {"preset": preset, "params": n_params, "repeats": repeats, "warmup": warmup,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor(), "results": rows}
+            **_machine(torch.get_num_threads()), "results": rows}
+
+
+def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len: int = 256,
+                             batch_tokens: int = 4096, repeats: int = 7, warmup: int = 2,
+                             only: list[str] | None = None, compiled: bool = True, log=print) -> dict:
+    """Forward + backward + clip + optimizer step of every optimizer on real text, relative to AdamW's."""
+    from lmopt.data.loader import BatchLoader
+    from lmopt.data.prepare import load_prepared
+    from lmopt.train.config import TrainConfig
+
+    config = get_preset(preset).config
+    prepared = load_prepared(data, TrainConfig(preset=preset, data=data).resolved_tokenizer())
+    loader = BatchLoader(prepared.train, seq_len, batch_tokens // seq_len, seed=0)
+    batches = [loader.next_batch() for _ in range(warmup + repeats)]
+    variants = {k: v for k, v in optimizer_variants(compiled).items() if not only or k in only or k == BASELINE}
+    runs = {}
+    for shown, (name, opts) in variants.items():
+        model = build_model(config, seed=0)
+        opt = build(name, model, total_steps=1000, **opts)
+        runs[shown] = [model, opt, 0]
+    times: dict[str, list[float]] = {shown: [] for shown in runs}
+
+    def train_step(shown: str) -> None:
+        model, opt, i = runs[shown]
+        x, y = batches[i % len(batches)]
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        runs[shown][2] = i + 1
+
+    for shown in runs:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            train_step(shown)
+        log(f"warmed up {shown} training ({time.perf_counter() - start:.1f} s)")
+    for _ in range(repeats):
+        for shown in runs:
+            start = time.perf_counter()
+            train_step(shown)
+            times[shown].append(time.perf_counter() - start)
+    base = statistics.median(times[BASELINE])
+    rows = {shown: {"step_seconds": statistics.median(t), "time_vs_adamw": statistics.median(t) / base}
+            for shown, t in times.items()}
+    return {"preset": preset, "data": data, "seq_len": seq_len, "batch_tokens": batch_tokens, "repeats": repeats,
+            "warmup": warmup, "results": rows}
+
+
+def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: int = 40, rounds: int = 3,
+                         seq_len: int = 256, batch_tokens: int = 4096, log=print) -> dict:
+    """``lmopt train``'s tokens/s over a bare loop's, same model, data, optimizer and schedule."""
+    from lmopt.train.config import TrainConfig
+    from lmopt.train.schedule import lr_factor
+    from lmopt.train.trainer import Trainer
+
+    cfg = TrainConfig(preset=preset, optimizer=optimizer, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
+                      eval_interval=steps, eval_tokens=seq_len * 4, log_interval=10, ckpt_interval=0, device="cpu",
+                      run_name="overhead")
+
+    class TimedTrainer(Trainer):
+        """The trainer, with the evaluation and checkpoint time (which a bare loop does not have) counted."""
+
+        excluded = 0.0
+
+        def _record_eval(self) -> None:
+            start = time.perf_counter()
+            super()._record_eval()
+            self.excluded += time.perf_counter() - start
+
+        def _save(self) -> None:
+            start = time.perf_counter()
+            super()._save()
+            self.excluded += time.perf_counter() - start
+
+    def trainer_seconds() -> float:
+        with tempfile.TemporaryDirectory() as runs:
+            previous = os.environ.get("LMOPT_RUNS")
+            os.environ["LMOPT_RUNS"] = runs
+            try:
+                trainer = TimedTrainer(cfg, overwrite=True, log=lambda _: None)
+                start = time.perf_counter()
+                trainer.run()
+                return time.perf_counter() - start - trainer.excluded
+            finally:
+                if previous is None:
+                    del os.environ["LMOPT_RUNS"]
+                else:
+                    os.environ["LMOPT_RUNS"] = previous
+
+    def bare_seconds() -> float:
+        from lmopt.data.loader import BatchLoader
+        from lmopt.data.prepare import load_prepared
+
+        data = load_prepared(cfg.data, cfg.resolved_tokenizer())
+        model = build_model(get_preset(preset).config, seed=cfg.seed)
+        opt = build(optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps, **cfg.optim)
+        warm = round(cfg.warmup_frac * steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, steps, warm, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac))
+        loader = BatchLoader(data.train, seq_len, cfg.micro_batch_size(), seed=cfg.seed)
+        start = time.perf_counter()
+        for _ in range(steps):
+            x, y = loader.next_batch()
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        return time.perf_counter() - start
+
+    trainer_times, bare_times = [], []
+    for r in range(rounds):
+        trainer_times.append(trainer_seconds())
+        bare_times.append(bare_seconds())
+        log(f"round {r + 1}/{rounds}: lmopt train {trainer_times[-1]:.2f} s, bare loop {bare_times[-1]:.2f} s")
+    tokens = steps * batch_tokens
+    trainer_tps, bare_tps = tokens / statistics.median(trainer_times), tokens / statistics.median(bare_times)
+    return {"preset": preset, "optimizer": optimizer, "steps": steps, "rounds": rounds, "batch_tokens": batch_tokens,
+            "trainer_tokens_per_s": trainer_tps, "bare_tokens_per_s": bare_tps, "ratio": trainer_tps / bare_tps}
+
+
+def device_name(result: dict) -> str:
+    return f"cpu-{result['threads']}threads"
 
 
 def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -> Path:
-    device = f"cpu-{result['threads']}threads"
+    device = device_name(result)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / f"{device}-{result['preset']}.json", json.dumps(result | {"command": command,
-                                                                                          "commit": commit}, indent=2))
-    lines = [f"# Optimizer step benchmark: `{result['preset']}` on {device}", "",
-             f"Made by `{command}` at commit `{commit}`; torch {result['torch']}, {result['machine']}; median of "
-             f"{result['repeats']} interleaved steps after {result['warmup']} warm-up steps; "
-             f"{result['params']:,} parameters; gradients present.", "",
+    stem = f"{device}-{result['preset']}"
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(result | {"command": command, "commit": commit}, indent=2))
+    lines = [f"# Optimizer cost: `{result['preset']}` on {device}", "",
+             f"Made by `{command}` at commit `{commit}`; torch {result['torch']}, {result['processor']}, "
+             f"{result['cpus']} CPUs, {result['threads']} threads.", "",
+             f"## Optimizer step ({result['params']:,} parameters, gradients present)", "",
+             f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps.", "",
              "| optimizer | step time | vs fused AdamW | state bytes / param | state vs AdamW |",
              "|---|---:|---:|---:|---:|"]
     for name, r in sorted(result["results"].items(), key=lambda kv: kv[1]["step_seconds"]):
         lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_fused_adamw']:.2f}x | "
                      f"{r['state_bytes_per_param']:.2f} | {r['state_vs_adamw']:.2f}x |")
-    path = out_dir / f"{device}-{result['preset']}.md"
+    train = result.get("train_step")
+    if train:
+        lines += ["", f"## Training step: forward + backward + clip + step, `{train['preset']}` on {train['data']}",
+                  "", f"{train['batch_tokens']:,} tokens per step (sequences of {train['seq_len']}); median of "
+                  f"{train['repeats']} interleaved steps after {train['warmup']} warm-up steps.", "",
+                  "| optimizer | train step | vs AdamW |", "|---|---:|---:|"]
+        for name, r in sorted(train["results"].items(), key=lambda kv: kv[1]["step_seconds"]):
+            lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_adamw']:.3f}x |")
+    overhead = result.get("trainer_overhead")
+    if overhead:
+        lines += ["", "## `lmopt train` against a bare loop", "",
+                  f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['steps']} steps of "
+                  f"{overhead['batch_tokens']:,} tokens, median of {overhead['rounds']} alternating rounds "
+                  "(evaluation and checkpoint time excluded from the trainer's).", "",
+                  "| loop | tokens/s |", "|---|---:|",
+                  f"| lmopt train | {overhead['trainer_tokens_per_s']:,.0f} |",
+                  f"| bare loop | {overhead['bare_tokens_per_s']:,.0f} |",
+                  f"| ratio | {overhead['ratio']:.3f} |"]
+    for section in result.get("notes", []):
+        lines += ["", section]
+    path = out_dir / f"{stem}.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -97,4 +97,5 @@ register(OptimizerSpec(
     default_lr=3e-2,
     default_weight_decay=0.0,
     state_bytes_per_param=0.0,  # O(rows + columns) per matrix: ~0 bytes per parameter
+    impls=("foreach", "for-loop"),
 ))

@@ -30,7 +30,9 @@ import math
 
 import torch
 
-from lmopt.optim.common import LmoptOptimizer, check_betas, check_common, decoupled_weight_decay_
+from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
+from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
 
@@ -48,10 +50,11 @@ def mixing_weight(step: int, total_steps: int, schedule: str = "linear") -> floa
     raise ValueError(f"Invalid alpha_schedule {schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
 
 
-class AMCS(LmoptOptimizer):
+class AMCS(ElementwiseOptimizer):
     def __init__(self, params, total_steps: int, lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.9, 0.95, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.1, alpha_schedule: str = "linear", component_scales: bool = True) -> None:
+                 weight_decay: float = 0.1, alpha_schedule: str = "linear", component_scales: bool = True,
+                 impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if total_steps < 1:
@@ -60,28 +63,38 @@ class AMCS(LmoptOptimizer):
             raise ValueError(f"Invalid alpha_schedule {alpha_schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       total_steps=total_steps, alpha_schedule=alpha_schedule,
-                                      component_scales=component_scales))
+                                      component_scales=component_scales), impl)
 
-    def _step_group(self, group: dict) -> None:
+    def init_state(self, p, state, group):
+        for key in ("fast", "slow", "exp_avg_sq"):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def tensors(self, p, state, group):
+        return [state["fast"], state["slow"], state["exp_avg_sq"]]
+
+    def scalars(self, group, state):
         beta_fast, beta_slow, beta_v = group["betas"]
+        t = state["step"]
         scale = PAPER_COMPONENT_SCALES.get(group.get("role", "other"), 1.0) if group["component_scales"] else 1.0
-        for p in self.params_with_grad(group):
-            grad, state = p.grad, self.state[p]
-            if "step" not in state:
-                state["step"] = 0
-                for key in ("fast", "slow", "exp_avg_sq"):
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            t = state["step"]
-            state["fast"].lerp_(grad, 1 - beta_fast)
-            state["slow"].lerp_(grad, 1 - beta_slow)
-            state["exp_avg_sq"].mul_(beta_v).addcmul_(grad, grad, value=1 - beta_v)
-            alpha = mixing_weight(t, group["total_steps"], group["alpha_schedule"])
-            m_hat = state["fast"] * (alpha / (1 - beta_fast**t))
-            m_hat.add_(state["slow"], alpha=(1 - alpha) / (1 - beta_slow**t))
-            denom = (state["exp_avg_sq"] / (1 - beta_v**t)).sqrt_().add_(group["eps"])
-            decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-            p.addcdiv_(m_hat, denom, value=-group["lr"] * scale)
+        alpha = mixing_weight(t, group["total_steps"], group["alpha_schedule"])
+        return (group["lr"], group["lr"] * scale, alpha / (1 - beta_fast**t), (1 - alpha) / (1 - beta_slow**t),
+                1 - beta_v**t)
+
+    def constants(self, group):
+        return {k: group[k] for k in ("betas", "eps", "weight_decay")}
+
+    @staticmethod
+    def update(p, grad, tensors, scalars, c):
+        fast, slow, exp_avg_sq = tensors
+        lr, step_lr, fast_weight, slow_weight, bias_v = scalars
+        beta_fast, beta_slow, beta_v = c["betas"]
+        fast.lerp_(grad, 1 - beta_fast)
+        slow.lerp_(grad, 1 - beta_slow)
+        exp_avg_sq.mul_(beta_v).addcmul_(grad, grad, value=1 - beta_v)
+        m_hat = add_scaled_(fast * fast_weight, slow, slow_weight)  # α m̂_fast + (1 - α) m̂_slow
+        denom = (exp_avg_sq / bias_v).sqrt_().add_(c["eps"])
+        decoupled_weight_decay_(p, lr, c["weight_decay"])
+        add_scaled_(p, m_hat.div_(denom), -step_lr)
 
 
 def build_amcs(model, lr, weight_decay, total_steps: int | None = None, **options) -> AMCS:
@@ -96,9 +109,11 @@ register(OptimizerSpec(
     summary="AMCS: Adam whose momentum slides from fast (0.9) to slow (0.95) over the run; role lr scales",
     source="Aardvark 2025, Adaptive Momentum with Component Scaling (shared/papers)",
     builder=build_amcs,
-    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "alpha_schedule": "linear", "component_scales": True},
+    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "alpha_schedule": "linear", "component_scales": True,
+              "impl": "eager"},
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=12.0,
+    impls=ELEMENTWISE_IMPLS,
     needs_total_steps=True,
 ))

@@ -27,15 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from lmopt.optim.common import (
-    LmoptOptimizer,
-    adam_direction,
-    adam_moments_,
-    check_betas,
-    check_common,
-    decoupled_weight_decay_,
-)
+from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
+from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
@@ -43,44 +38,63 @@ from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 PAPER_ROLE_LR_SCALES = {"attn_q": 1.2, "attn_k": 1.2, "attn_v": 1.2, "attn_o": 1.2, "embedding": 0.8}
 
 
-class ASA(LmoptOptimizer):
+class ASA(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, spectral_scale: float = 0.1, power_iters: int = 1,
-                 init_power_iters: int = 10, role_lr_scales: bool = True, seed: int = 0) -> None:
+                 init_power_iters: int = 10, role_lr_scales: bool = True, seed: int = 0, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if spectral_scale < 0:
             raise ValueError(f"Invalid spectral_scale: {spectral_scale}")
-        if power_iters < 1 or init_power_iters < 1:
-            raise ValueError("Invalid power_iters: need at least one iteration")
+        if power_iters < 1 or init_power_iters < power_iters:
+            raise ValueError("Invalid power_iters: need 1 <= power_iters <= init_power_iters")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       spectral_scale=spectral_scale, power_iters=power_iters,
-                                      init_power_iters=init_power_iters, role_lr_scales=role_lr_scales, seed=seed))
+                                      init_power_iters=init_power_iters, role_lr_scales=role_lr_scales, seed=seed),
+                         impl)
 
-    def spectral_norm(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        iters = group["power_iters"]
-        if "power_vector" not in state:
+    @staticmethod
+    def is_spectral(p: torch.Tensor, group: dict) -> bool:
+        return group.get("role", "other") in ATTENTION_ROLES and group["spectral_scale"] > 0 and p.dim() == 2
+
+    def init_state(self, p, state, group):
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self.is_spectral(p, group):
+            # A seeded start, refined so that with the step's own iterations the first step runs init_power_iters.
             gen = torch.Generator().manual_seed(group["seed"] + p.shape[0] * 7919 + p.shape[1])
             v = torch.randn(p.shape[1], generator=gen)
-            state["power_vector"] = replicate_like((v / v.norm()).to(p.device), p)
-            iters = group["init_power_iters"]
-        sigma, v = power_iteration_sigma(p, state["power_vector"], iters)
-        state["power_vector"] = replicated(v)  # on shards Wᵀ(Wv) arrives as a pending sum: reduce it once
-        return sigma
+            v = replicate_like((v / v.norm()).to(p.device), p)
+            extra = group["init_power_iters"] - group["power_iters"]
+            if extra:
+                v = replicated(power_iteration_sigma(p, v, extra)[1])
+            state["power_vector"] = v
 
-    def _step_group(self, group: dict) -> None:
+    def tensors(self, p, state, group):
+        return [state["exp_avg"], state["exp_avg_sq"]] + ([state["power_vector"]] if "power_vector" in state else [])
+
+    def scalars(self, group, state):
         beta1, beta2 = group["betas"]
-        role = group.get("role", "other")
-        lr = group["lr"] * (PAPER_ROLE_LR_SCALES.get(role, 1.0) if group["role_lr_scales"] else 1.0)
-        spectral = role in ATTENTION_ROLES and group["spectral_scale"] > 0
-        for p in self.params_with_grad(group):
-            state = self.state[p]
-            step = adam_moments_(state, p.grad, beta1, beta2)
-            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
-            if spectral and p.dim() == 2:
-                direction.mul_(1 + group["spectral_scale"] * self.spectral_norm(p, state, group))
-            decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-            p.sub_(direction, alpha=lr)
+        role_scale = PAPER_ROLE_LR_SCALES.get(group.get("role", "other"), 1.0) if group["role_lr_scales"] else 1.0
+        return group["lr"], group["lr"] * role_scale, 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
+    def constants(self, group):
+        return {k: group[k] for k in ("betas", "eps", "weight_decay", "spectral_scale", "power_iters")}
+
+    @staticmethod
+    def update(p, grad, tensors, scalars, c):
+        exp_avg, exp_avg_sq = tensors[:2]
+        lr, step_lr, bias1, bias2 = scalars
+        beta1, beta2 = c["betas"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        if len(tensors) == 3:  # an attention matrix: scale by 1 + λ σ(W), σ by warm-started power iteration
+            sigma, v = power_iteration_sigma(p, tensors[2], c["power_iters"])
+            tensors[2].copy_(replicated(v))  # on shards Wᵀ(Wv) arrives as a pending sum: reduce it once
+            direction.mul_(1 + c["spectral_scale"] * sigma)
+        decoupled_weight_decay_(p, lr, c["weight_decay"])
+        add_scaled_(p, direction, -step_lr)
 
 
 register(OptimizerSpec(
@@ -89,8 +103,9 @@ register(OptimizerSpec(
     source="Aardvark 2025, Attentive Spectral Adam (shared/papers)",
     builder=grouped_builder(ASA),
     defaults={"betas": (0.9, 0.95), "eps": 1e-8, "spectral_scale": 0.1, "power_iters": 1,
-              "init_power_iters": 10, "role_lr_scales": True, "seed": 0},
+              "init_power_iters": 10, "role_lr_scales": True, "seed": 0, "impl": "eager"},
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=8.0,  # plus one vector per attention matrix
+    impls=ELEMENTWISE_IMPLS,
 ))

@@ -67,4 +67,5 @@ register(OptimizerSpec(
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=8.0,
+    impls=("fused", "foreach", "for-loop"),
 ))

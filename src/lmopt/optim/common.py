@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.adam import adam as torch_adam
+
+from lmopt.optim.distributed import is_dtensor
 
 
 def check_betas(betas: Iterable[float], name: str = "betas") -> None:
@@ -68,29 +71,18 @@ def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> None:
         p.mul_(1 - lr * weight_decay)
 
 
-def adam_moments_(state: dict, grad: Tensor, beta1: float, beta2: float) -> int:
-    """Update (lazily create) ``exp_avg`` and ``exp_avg_sq`` in ``state``; returns the new step count."""
-    if "step" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-    state["step"] += 1
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return state["step"]
-
-
-def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float,
-                   eps: float) -> Tensor:
-    """m̂ / (√v̂ + ε) with Adam's bias corrections m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t)."""
-    bias1 = 1 - beta1**step
-    bias2 = 1 - beta2**step
-    return (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(eps))
-
-
-def adamw_step_(p: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float,
+def adamw_step_(params: list[Tensor], states: list[dict], lr: float, betas: tuple[float, float], eps: float,
                 weight_decay: float) -> None:
-    """One AdamW step on one tensor (the fallback for parameters a matrix optimizer does not own)."""
-    step = adam_moments_(state, p.grad, *betas)
-    decoupled_weight_decay_(p, lr, weight_decay)
-    p.add_(adam_direction(state["exp_avg"], state["exp_avg_sq"], step, *betas, eps), alpha=-lr)
+    """One AdamW step on ``params`` by torch's own kernel (fused on plain tensors, its for-loop on DTensor
+    shards), with torch's state layout (``step``, ``exp_avg``, ``exp_avg_sq``): the path of the parameters a
+    matrix optimizer does not own (embeddings, head, norms), often half of a small model's weights."""
+    fused = not any(is_dtensor(p) for p in params)
+    for p, state in zip(params, states, strict=True):
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    torch_adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [], [s["step"] for s in states], foreach=False, fused=fused, decoupled_weight_decay=True,
+               amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps,
+               maximize=False)

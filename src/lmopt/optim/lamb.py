@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from lmopt.optim.common import LmoptOptimizer, adam_direction, adam_moments_, check_betas, check_common
+from lmopt.optim.common import check_betas, check_common
+from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
@@ -30,22 +32,39 @@ def lamb_update(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, m
     return r.mul_(trust)
 
 
-class LAMB(LmoptOptimizer):
+class LAMB(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, max_trust: float = 10.0) -> None:
+                 weight_decay: float = 0.01, max_trust: float = 10.0, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if max_trust <= 0:
             raise ValueError(f"Invalid max_trust: {max_trust}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust),
+                         impl)
 
-    def _step_group(self, group: dict) -> None:
+    def init_state(self, p, state, group):
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def tensors(self, p, state, group):
+        return [state["exp_avg"], state["exp_avg_sq"]]
+
+    def scalars(self, group, state):
         beta1, beta2 = group["betas"]
-        for p in self.params_with_grad(group):
-            state = self.state[p]
-            step = adam_moments_(state, p.grad, beta1, beta2)
-            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
-            p.sub_(lamb_update(direction, p, group["weight_decay"], group["max_trust"]), alpha=group["lr"])
+        return group["lr"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
+    def constants(self, group):
+        return {k: group[k] for k in ("betas", "eps", "weight_decay", "max_trust")}
+
+    @staticmethod
+    def update(p, grad, tensors, scalars, c):
+        exp_avg, exp_avg_sq = tensors
+        lr, bias1, bias2 = scalars
+        beta1, beta2 = c["betas"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        add_scaled_(p, lamb_update(direction, p, c["weight_decay"], c["max_trust"]), -lr)
 
 
 register(OptimizerSpec(
@@ -53,8 +72,9 @@ register(OptimizerSpec(
     summary="LAMB: Adam direction rescaled per tensor by the trust ratio ||w|| / ||update||",
     source="You et al. 2020, arXiv:1904.00962",
     builder=grouped_builder(LAMB),
-    defaults={"betas": (0.9, 0.999), "eps": 1e-6, "max_trust": 10.0},
+    defaults={"betas": (0.9, 0.999), "eps": 1e-6, "max_trust": 10.0, "impl": "eager"},
     default_lr=2e-2,
     default_weight_decay=0.01,
     state_bytes_per_param=8.0,
+    impls=ELEMENTWISE_IMPLS,
 ))

@@ -57,8 +57,8 @@ class MatrixOptimizer(LmoptOptimizer):
         if group["matrix"]:
             self._matrix_step(group, params)
         else:
-            for p in params:
-                adamw_step_(p, self.state[p], group["lr"], group["adamw_betas"], group["eps"], group["weight_decay"])
+            adamw_step_(params, [self.state[p] for p in params], group["lr"], group["adamw_betas"], group["eps"],
+                        group["weight_decay"])
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

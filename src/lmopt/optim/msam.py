@@ -30,8 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmopt.optim.common import LmoptOptimizer, check_betas, check_common, decoupled_weight_decay_
+from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicated
+from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
@@ -60,36 +62,44 @@ def gradient_stability(grad: Tensor, slow: Tensor, measure: str = "cosine") -> T
     raise ValueError(f"Invalid stability measure {measure!r}; choose one of {', '.join(STABILITY_MEASURES)}")
 
 
-class MSAM(LmoptOptimizer):
+class MSAM(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine") -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine", impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if stability not in STABILITY_MEASURES:
             raise ValueError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability),
+                         impl)
 
-    def _step_group(self, group: dict) -> None:
-        beta_fast, beta_slow, beta_v = group["betas"]
-        role = group.get("role", "other")
-        for p in self.params_with_grad(group):
-            grad, state = p.grad, self.state[p]
-            if "step" not in state:
-                state["step"] = 0
-                for key in ("fast", "slow", "exp_avg_sq"):
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            gamma = replicated(gradient_stability(grad, state["slow"], group["stability"]))
-            state["gamma"] = gamma
-            state["step"] += 1
-            t = state["step"]
-            state["fast"].lerp_(grad, 1 - beta_fast)
-            state["slow"].lerp_(grad, 1 - beta_slow)
-            state["exp_avg_sq"].mul_(beta_v).addcmul_(grad, grad, value=1 - beta_v)
-            alpha = alpha_for_role(role, gamma)
-            m_hat = (state["fast"] / (1 - beta_fast**t)) * alpha + (state["slow"] / (1 - beta_slow**t)) * (1 - alpha)
-            denom = (state["exp_avg_sq"] / (1 - beta_v**t)).sqrt_().add_(group["eps"])
-            decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-            p.addcdiv_(m_hat, denom, value=-group["lr"])
+    def init_state(self, p, state, group):
+        for key in ("fast", "slow", "exp_avg_sq"):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def tensors(self, p, state, group):
+        return [state["fast"], state["slow"], state["exp_avg_sq"]]
+
+    def scalars(self, group, state):
+        return (group["lr"], *(1 - beta ** state["step"] for beta in group["betas"]))
+
+    def constants(self, group):
+        return {k: group[k] for k in ("betas", "eps", "weight_decay", "stability")} | {
+            "role": group.get("role", "other")}
+
+    @staticmethod
+    def update(p, grad, tensors, scalars, c):
+        fast, slow, exp_avg_sq = tensors
+        lr, bias_fast, bias_slow, bias_v = scalars
+        beta_fast, beta_slow, beta_v = c["betas"]
+        gamma = replicated(gradient_stability(grad, slow, c["stability"]))
+        fast.lerp_(grad, 1 - beta_fast)
+        slow.lerp_(grad, 1 - beta_slow)
+        exp_avg_sq.mul_(beta_v).addcmul_(grad, grad, value=1 - beta_v)
+        alpha = alpha_for_role(c["role"], gamma)
+        m_hat = (fast / bias_fast) * alpha + (slow / bias_slow) * (1 - alpha)
+        denom = (exp_avg_sq / bias_v).sqrt_().add_(c["eps"])
+        decoupled_weight_decay_(p, lr, c["weight_decay"])
+        add_scaled_(p, m_hat.div_(denom), -lr)
 
 
 register(OptimizerSpec(
@@ -97,8 +107,9 @@ register(OptimizerSpec(
     summary="MSAM: Adam with fast+slow momenta mixed per role by gradient stability",
     source="Aardvark 2025, Multi-Scale Adaptive Momentum (shared/papers)",
     builder=grouped_builder(MSAM),
-    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "stability": "cosine"},
+    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "stability": "cosine", "impl": "eager"},
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=12.0,
+    impls=ELEMENTWISE_IMPLS,
 ))

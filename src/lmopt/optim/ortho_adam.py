@@ -21,15 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmopt.optim.common import (
-    LmoptOptimizer,
-    adam_direction,
-    adam_moments_,
-    check_betas,
-    check_common,
-    decoupled_weight_decay_,
-)
+from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like
+from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
@@ -45,12 +40,12 @@ def rotate(x: Tensor, Q: Tensor) -> Tensor:
     return x @ Q if x.dim() > 1 else (x.unsqueeze(0) @ Q).squeeze(0)
 
 
-class OrthoAdam(LmoptOptimizer):
+class OrthoAdam(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, seed: int = 0) -> None:
+                 weight_decay: float = 0.1, seed: int = 0, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed), impl)
         self._rotations: dict[tuple, Tensor] = {}
 
     def _param_index(self, p: Tensor) -> int:
@@ -71,18 +66,33 @@ class OrthoAdam(LmoptOptimizer):
     def rotation_bytes(self) -> int:
         return sum(q.numel() * q.element_size() for q in self._rotations.values())
 
-    def _step_group(self, group: dict) -> None:
+    def init_state(self, p, state, group):
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def tensors(self, p, state, group):
+        if "rotation_seed" not in state:
+            state["rotation_seed"] = group["seed"] + self._param_index(p)
+        return [state["exp_avg"], state["exp_avg_sq"], replicate_like(self.rotation(p, state["rotation_seed"]), p)]
+
+    def scalars(self, group, state):
         beta1, beta2 = group["betas"]
-        for p in self.params_with_grad(group):
-            state = self.state[p]
-            if "rotation_seed" not in state:
-                state["rotation_seed"] = group["seed"] + self._param_index(p)
-            Q = replicate_like(self.rotation(p, state["rotation_seed"]), p)
-            rotated_grad = rotate(p.grad, Q)
-            step = adam_moments_(state, rotated_grad, beta1, beta2)
-            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
-            decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-            p.sub_(rotate(direction, Q.mT), alpha=group["lr"])
+        return group["lr"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
+    def constants(self, group):
+        return {k: group[k] for k in ("betas", "eps", "weight_decay")}
+
+    @staticmethod
+    def update(p, grad, tensors, scalars, c):
+        exp_avg, exp_avg_sq, Q = tensors
+        lr, bias1, bias2 = scalars
+        beta1, beta2 = c["betas"]
+        rotated_grad = rotate(grad, Q)
+        exp_avg.lerp_(rotated_grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1 - beta2)
+        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        decoupled_weight_decay_(p, lr, c["weight_decay"])
+        add_scaled_(p, rotate(direction, Q.mT), -lr)
 
 
 register(OptimizerSpec(
@@ -90,8 +100,9 @@ register(OptimizerSpec(
     summary="OrthoAdam: AdamW in a fixed random orthogonal basis per tensor (spreads outlier coordinates)",
     source="Kaul et al. 2024, 'From Attention to Activation'",
     builder=grouped_builder(OrthoAdam),
-    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "seed": 0},
+    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "seed": 0, "impl": "eager"},
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=8.0,  # plus one n x n rotation per tensor (rebuilt from its seed, not saved)
+    impls=ELEMENTWISE_IMPLS,
 ))

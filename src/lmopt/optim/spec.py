@@ -30,6 +30,7 @@ class OptimizerSpec:
     state_bytes_per_param: float = 8.0  # fp32 state per parameter, on the matrices it owns
     kind: str = "elementwise"  # "elementwise" or "matrix"
     needs_total_steps: bool = False  # the builder takes total_steps (the trainer passes the run's length)
+    impls: tuple[str, ...] = ()  # implementations of the same update (option ``impl``); the first is the default
 
 
 def grouped_builder(cls: type[Optimizer], groups: Callable[..., list[dict]] | None = None) -> Callable[..., Optimizer]:
@@ -108,4 +109,5 @@ def build(name: str, model: nn.Module, lr: float | None = None, weight_decay: fl
     if weight_decay < 0:
         raise OptionError(f"Invalid weight_decay: {weight_decay} must be non-negative")
     extra = {"total_steps": total_steps} if spec.needs_total_steps else {}
-    return spec.builder(model, lr=lr, weight_decay=weight_decay, **extra, **validate_options(spec, options))
+    choices = {"impl": spec.impls} if spec.impls else {}
+    return spec.builder(model, lr=lr, weight_decay=weight_decay, **extra, **validate_options(spec, options, choices))

@@ -37,12 +37,13 @@ import torch
 from torch import Tensor
 
 from lmopt.optim.common import check_betas, check_common
-from lmopt.optim.distributed import like_shard, owner_map
+from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
-from lmopt.optim.matrix import MatrixOptimizer, matrix_param_groups
+from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 SHAPINGS = ("clip", "remove", "scale")
+IMPLS = ("batched", "per-matrix")
 
 
 def spike_rank(rows: int, cols: int, rank_fraction: float) -> int:
@@ -66,23 +67,29 @@ def shape_spike(M: Tensor, U: Tensor, shaping: str = "clip", spike_scale: float 
     C = U.mT @ M  # (k, c): the spike's coordinates
     A, s, Bt = torch.linalg.svd(C, full_matrices=False)  # C = A diag(s) Bᵀ
     tau = tail_scale(M, C, U.shape[-1])
-    if shaping == "clip":
-        target = torch.minimum(s, tau)
-    elif shaping == "remove":
-        target = torch.zeros_like(s)
-    elif shaping == "scale":
-        target = s * spike_scale
-    else:
-        raise ValueError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
+    target = shape_singular_values(s, tau, shaping, spike_scale)
     return M + (U @ A) @ ((target - s).unsqueeze(-1) * Bt), tau
+
+
+def shape_singular_values(s: Tensor, tau: Tensor, shaping: str, spike_scale: float) -> Tensor:
+    """shape(s): the spike's new singular values (``tau`` broadcasts against ``s``)."""
+    if shaping == "clip":
+        return torch.minimum(s, tau)
+    if shaping == "remove":
+        return torch.zeros_like(s)
+    if shaping == "scale":
+        return s * spike_scale
+    raise ValueError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
 
 
 class Spectra(MatrixOptimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  rank_fraction: float = 0.015, power_iters: int = 1, refresh_interval: int = 1,
                  shaping: str = "clip", spike_scale: float = 0.5, rms_target: float = 0.2,
-                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, impl: str = "batched") -> None:
         check_common(lr, eps, weight_decay)
+        if impl not in IMPLS:
+            raise ValueError(f"Invalid impl {impl!r}; choose one of {', '.join(IMPLS)}")
         check_betas([momentum], "momentum")
         check_betas(adamw_betas, "adamw_betas")
         if not 0 < rank_fraction <= 1:
@@ -97,6 +104,7 @@ class Spectra(MatrixOptimizer):
                                       rank_fraction=rank_fraction, power_iters=power_iters,
                                       refresh_interval=refresh_interval, shaping=shaping, spike_scale=spike_scale,
                                       rms_target=rms_target, adamw_betas=adamw_betas, eps=eps))
+        self.impl = impl
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
         momenta = []
@@ -107,6 +115,16 @@ class Spectra(MatrixOptimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             momenta.append(state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]))
+        if self.impl == "batched" and not any(is_dtensor(p) for p in params):
+            self._batched_step(group, params, momenta)
+        else:
+            self._per_matrix_step(group, params, momenta)
+
+    def _refresh_due(self, state: dict, group: dict) -> bool:
+        return (state["step"] - 1) % group["refresh_interval"] == 0
+
+    def _per_matrix_step(self, group: dict, params: list[Tensor], momenta: list[Tensor]) -> None:
+        """The update as written in the docstring, one whole matrix at a time (by its owner rank on shards)."""
 
         def shaped_update(i: int, M: Tensor) -> list[Tensor]:
             """The RMS-normalised shaped momentum and the refreshed basis, from the whole matrix M."""
@@ -115,7 +133,7 @@ class Spectra(MatrixOptimizer):
             basis = state.get("basis")
             if basis is None:
                 basis = top_left_singular_basis(wide, spike_rank(*M.shape, group["rank_fraction"]))
-            elif (state["step"] - 1) % group["refresh_interval"] == 0:
+            elif self._refresh_due(state, group):
                 basis = block_power_iteration(wide, basis, group["power_iters"])
             shaped, _ = shape_spike(wide, basis, group["shaping"], group["spike_scale"])
             shaped.mul_(group["rms_target"] / shaped.square().mean().sqrt().clamp(min=1e-30))
@@ -125,11 +143,56 @@ class Spectra(MatrixOptimizer):
             k = spike_rank(*M.shape, group["rank_fraction"])
             return [M.shape, torch.Size((min(M.shape), k))]
 
-        # Whole-matrix work, once per matrix (by its owner rank when the matrices are FSDP2 shards).
         for p, (update, basis) in zip(params, owner_map(momenta, shaped_update, result_shapes), strict=True):
             self.state[p]["basis"] = basis
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(like_shard(update, p), alpha=-group["lr"])
+
+    def _batched_step(self, group: dict, params: list[Tensor], momenta: list[Tensor]) -> None:
+        """The same update without full-size temporaries: the large passes stay per matrix (the momentum
+        update, ||M||, C = UᵀM, one ``addmm_`` for decay plus the low-rank correction, one ``addcmul_`` for M),
+        and the small k-row work (thin QR, SVD of C, the shaping) runs batched per shape. The RMS of the shaped
+        momentum needs no pass: ||O||² = ||M||² - ||s||² + ||shape(s)||², since U is orthonormal."""
+        wides = [M if M.shape[0] <= M.shape[1] else M.mT for M in momenta]
+        for indices in by_shape_indices(wides):
+            states = [self.state[params[i]] for i in indices]
+            W = [wides[i] for i in indices]
+            if any("basis" not in state for state in states):  # first step: exact top-k, batched
+                k = spike_rank(*W[0].shape, group["rank_fraction"])
+                bases = top_left_singular_basis(torch.stack(W), k).unbind(0)
+                for state, basis in zip(states, bases, strict=True):
+                    state["basis"] = basis.contiguous()
+            coords = [state["basis"].mT @ w for state, w in zip(states, W, strict=True)]  # C = UᵀM, (k, c)
+            refresh = [j for j, state in enumerate(states) if self._refresh_due(state, group) and state["step"] > 1]
+            if refresh:  # block power iteration: U <- qr(M (MᵀU)), and MᵀU = Cᵀ is already at hand
+                for _ in range(group["power_iters"]):
+                    grown = torch.stack([W[j] @ coords[j].mT for j in refresh])
+                    new_bases = torch.linalg.qr(grown).Q
+                    for j, basis in zip(refresh, new_bases.unbind(0), strict=True):
+                        states[j]["basis"] = basis.contiguous()
+                        coords[j] = basis.mT @ W[j]
+            self._apply_shaped(group, [params[i] for i in indices], W, [s["basis"] for s in states], coords)
+
+    def _apply_shaped(self, group: dict, params: list[Tensor], W: list[Tensor], bases: list[Tensor],
+                      coords: list[Tensor]) -> None:
+        r, c = W[0].shape
+        k = bases[0].shape[-1]
+        A, s, Bt = torch.linalg.svd(torch.stack(coords), full_matrices=False)  # C = A diag(s) Bᵀ, batched
+        M_energy = torch.stack([torch.linalg.vector_norm(w) for w in W]).square()
+        s_energy = s.square().sum(-1)
+        tail = (M_energy - s_energy).clamp(min=0)
+        tau = (tail / (r - k)).sqrt() if r > k else torch.full_like(tail, math.inf)
+        target = shape_singular_values(s, tau.unsqueeze(-1), group["shaping"], group["spike_scale"])
+        rms = ((M_energy - s_energy + target.square().sum(-1)).clamp(min=0) / (r * c)).sqrt()
+        step_scale = -group["lr"] * group["rms_target"] / rms.clamp(min=1e-30)  # (b,)
+        left = torch.stack(bases) @ A * (step_scale.unsqueeze(-1) * (target - s)).unsqueeze(-2)  # (b, r, k)
+        decay = 1 - group["lr"] * group["weight_decay"]
+        for j, p in enumerate(params):
+            if p.shape[0] <= p.shape[1]:
+                p.addmm_(left[j], Bt[j], beta=decay)  # p <- decay p + step_scale U A diag(t - s) Bᵀ
+            else:
+                p.addmm_(Bt[j].mT, left[j].mT, beta=decay)
+            p.addcmul_(W[j] if p.shape[0] <= p.shape[1] else W[j].mT, step_scale[j])
 
 
 register(OptimizerSpec(
@@ -138,9 +201,11 @@ register(OptimizerSpec(
     source="Huang et al. 2025, 'Spectra: Rethinking Optimizers for LLMs Under Spectral Anisotropy'",
     builder=grouped_builder(Spectra, matrix_param_groups),
     defaults={"momentum": 0.95, "rank_fraction": 0.015, "power_iters": 1, "refresh_interval": 1,
-              "shaping": "clip", "spike_scale": 0.5, "rms_target": 0.2, "adamw_betas": (0.9, 0.95), "eps": 1e-8},
+              "shaping": "clip", "spike_scale": 0.5, "rms_target": 0.2, "adamw_betas": (0.9, 0.95), "eps": 1e-8,
+              "impl": "batched"},
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=4.06,
+    impls=IMPLS,
     kind="matrix",
 ))

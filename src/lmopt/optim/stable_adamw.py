@@ -17,40 +17,50 @@ from __future__ import annotations
 
 import torch
 
-from lmopt.optim.common import (
-    LmoptOptimizer,
-    adam_direction,
-    adam_moments_,
-    check_betas,
-    check_common,
-    decoupled_weight_decay_,
-)
+from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
+from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
-def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
-    """sqrt(mean(g² / max(v̂, ε²))), a 0-d tensor."""
-    v_hat = exp_avg_sq / (1 - beta2**step)
+def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, bias2: float, eps: float) -> torch.Tensor:
+    """sqrt(mean(g² / max(v̂, ε²))) with v̂ = v / bias2, a 0-d tensor."""
+    v_hat = exp_avg_sq / bias2
     return (grad.square() / v_hat.clamp(min=eps * eps)).mean().sqrt()
 
 
-class StableAdamW(LmoptOptimizer):
+class StableAdamW(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1) -> None:
+                 weight_decay: float = 0.1, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), impl)
 
-    def _step_group(self, group: dict) -> None:
+    def init_state(self, p, state, group):
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def tensors(self, p, state, group):
+        return [state["exp_avg"], state["exp_avg_sq"]]
+
+    def scalars(self, group, state):
         beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        for p in self.params_with_grad(group):
-            state = self.state[p]
-            step = adam_moments_(state, p.grad, beta1, beta2)
-            clip = update_rms(p.grad, state["exp_avg_sq"], step, beta2, eps).clamp(min=1.0)
-            decoupled_weight_decay_(p, lr, group["weight_decay"])
-            direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, eps)
-            p.sub_(direction.div_(clip), alpha=lr)
+        return group["lr"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
+    def constants(self, group):
+        return {k: group[k] for k in ("betas", "eps", "weight_decay")}
+
+    @staticmethod
+    def update(p, grad, tensors, scalars, c):
+        exp_avg, exp_avg_sq = tensors
+        lr, bias1, bias2 = scalars
+        beta1, beta2 = c["betas"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        clip = update_rms(grad, exp_avg_sq, bias2, c["eps"]).clamp(min=1.0)
+        decoupled_weight_decay_(p, lr, c["weight_decay"])
+        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        add_scaled_(p, direction.div_(clip), -lr)
 
 
 register(OptimizerSpec(
@@ -58,8 +68,9 @@ register(OptimizerSpec(
     summary="StableAdamW: AdamW whose per-tensor step shrinks when RMS(g²/v̂) exceeds 1",
     source="Wortsman et al. 2023, arXiv:2304.13013",
     builder=grouped_builder(StableAdamW),
-    defaults={"betas": (0.9, 0.95), "eps": 1e-8},
+    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "impl": "eager"},
     default_lr=5e-3,
     default_weight_decay=0.1,
     state_bytes_per_param=8.0,
+    impls=ELEMENTWISE_IMPLS,
 ))
