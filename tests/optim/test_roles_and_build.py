@@ -77,7 +77,7 @@ def test_matrix_groups_hold_only_hidden_matrices():
         ("spectra", {"rank_fraction": 0.0}, "Invalid rank_fraction"),
         ("msam", {"stability": "entropy"}, "Invalid stability"),
         ("adamw", {"impl": "cuda"}, "Invalid impl"),
-        ("adafactor", {"impl": "fused"}, "no fused implementation"),
+        ("adafactor", {"impl": "fused"}, "Invalid impl: 'fused'; choose one of 'foreach', 'for-loop'"),
         ("lamb", {"eps": 0.0}, "Invalid eps"),
     ],
 )

@@ -25,7 +25,6 @@ import math
 
 import torch
 
-from lmopt.optim.adamw import impl_flags
 from lmopt.optim.distributed import is_dtensor, replicated
 from lmopt.optim.roles import role_param_groups
 from lmopt.optim.spec import OptimizerSpec, register
@@ -81,11 +80,8 @@ class Adafactor(torch.optim.Adafactor):
 
 
 def build_adafactor(model, lr, weight_decay, beta2_decay, eps2, d, impl) -> Adafactor:
-    flags = impl_flags(impl)
-    if flags["fused"]:
-        raise ValueError("Invalid impl: torch.optim.Adafactor has no fused implementation; use foreach or for-loop")
-    return Adafactor(role_param_groups(model, weight_decay), lr=lr, beta2_decay=beta2_decay,
-                                 eps=(None, eps2), d=d, weight_decay=weight_decay, foreach=flags["foreach"])
+    return Adafactor(role_param_groups(model, weight_decay), lr=lr, beta2_decay=beta2_decay, eps=(None, eps2), d=d,
+                     weight_decay=weight_decay, foreach=impl == "foreach")
 
 
 register(OptimizerSpec(

@@ -85,7 +85,7 @@ class TrainConfig:
     dtype: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile the model, and the step of optimizers with a compiled path (unless optim sets impl)"""
     dist: str = "auto"
     """auto (FSDP2 under torchrun with several processes) | none | fsdp | ddp"""
     threads: int = 0

@@ -25,6 +25,7 @@ from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.model import build_model, get_preset
 from lmopt.model.parallelize import init_distributed, parallelize, resolve_mode, world_from_env
 from lmopt.optim import build
+from lmopt.registry import OPTIMIZERS
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmopt.train.config import ConfigError, TrainConfig
 from lmopt.train.metrics import MetricsWriter, NullMetrics, read_metrics
@@ -100,8 +101,11 @@ class Trainer:
         if self.mode == "fsdp":
             self.autocast_dtype = None  # FSDP2's mixed-precision policy casts instead
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        optim_options = dict(cfg.optim)
+        if cfg.compile and "compiled" in OPTIMIZERS.get(cfg.optimizer).impls:
+            optim_options.setdefault("impl", "compiled")
         self.optimizer = build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               total_steps=self.total_steps, **cfg.optim)
+                               total_steps=self.total_steps, **optim_options)
         warmup = round(cfg.warmup_frac * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
