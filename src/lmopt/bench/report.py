@@ -34,7 +34,6 @@ class OptimizerResult:
     tokens: np.ndarray  # eval token counts of the main-budget curves
     curves: np.ndarray  # (seeds, evals) val loss at the best lr
     budget_finals: dict[int, list[float]] = field(default_factory=dict)  # steps -> finals per seed
-    median_step_time: float = math.nan
 
     @property
     def interior(self) -> bool:
@@ -59,7 +58,6 @@ def collect(suite: Suite, records: dict[str, dict]) -> dict[str, OptimizerResult
         at_best = {}
         budget_finals: dict[int, list[float]] = {}
         sweep_finals = {}
-        step_times = []
         for record in records.values():
             c, end = record["config"], record["end"]
             if c["optimizer"] != name:
@@ -71,8 +69,6 @@ def collect(suite: Suite, records: dict[str, dict]) -> dict[str, OptimizerResult
             budget_finals.setdefault(c["steps"], []).append(end["final_val_loss"])
             if c["steps"] == suite.steps and not end.get("diverged"):
                 at_best[c["seed"]] = record
-                if end.get("median_step_time"):
-                    step_times.append(end["median_step_time"])
         seeds = sorted(at_best)
         if not seeds:
             continue
@@ -80,13 +76,13 @@ def collect(suite: Suite, records: dict[str, dict]) -> dict[str, OptimizerResult
         curves = np.array([[e["val_loss"] for e in at_best[s]["evals"]] for s in seeds])
         results[name] = OptimizerResult(name, best, lrs, sweep_finals, seeds,
                                         [at_best[s]["end"]["final_val_loss"] for s in seeds], tokens, curves,
-                                        budget_finals, float(np.median(step_times)) if step_times else math.nan)
+                                        budget_finals)
     return results
 
 
 def speedups(results: dict[str, OptimizerResult], suite: Suite) -> dict[str, dict]:
-    base = results.get(BASELINE)
     out = {}
+    base = results.get(BASELINE)
     if base is None:
         return out
     base_final = base.mean
@@ -152,7 +148,7 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
     sp = speedups(results, suite)
     plots = _plots(suite, results, sp, out_dir)
     step = _step_results(out_dir.parent)
-    base = results.get(BASELINE)
+    step_rows = step["results"] if step else {}
     envs = [r["environment"] for r in records.values()]
     commits = sorted({e["commit"] for e in envs})
     resolved = next(iter(records.values()))["resolved"]
@@ -179,14 +175,14 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
         "p: Welch's t-test of the final losses against AdamW's.",
         "",
         "| # | optimizer | best lr | lr grid | final val loss | Δ vs AdamW | p | speedup [95% CI] | "
-        "speedup, complete runs | train step time vs AdamW |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "speedup, complete runs | optimizer step vs fused AdamW | state vs AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rank, r in enumerate(sorted(results.values(), key=lambda r: r.mean), 1):
         s = sp.get(r.name, {})
         edge = "" if r.interior else " (edge: widen)"
         grid = f"{r.lrs[0]:.3g}–{r.lrs[-1]:.3g} ({len(r.lrs)})"
-        time_ratio = r.median_step_time / base.median_step_time if base else math.nan
+        cost = step_rows.get("adamw (fused)" if r.name == BASELINE else r.name, {})
         verdict_p = s.get("p", math.nan)
         significance = "" if math.isnan(verdict_p) else (" *" if verdict_p < SIGNIFICANCE else "")
         lines.append(
@@ -194,14 +190,17 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
             f"{r.mean:.4f} ± {_fmt(r.std)} (n={len(r.finals)}) "
             f"| {_fmt(s.get('delta'), '+.4f')}{significance} | {_fmt(verdict_p, '.3g')} | "
             f"{_fmt(s.get('speedup'), '.2f', 'x')} [{_fmt(s.get('low'), '.2f')}, {_fmt(s.get('high'), '.2f')}] | "
-            f"{_fmt(s.get('complete_runs'), '.2f', 'x')} | {_fmt(time_ratio, '.2f', 'x')} |"
+            f"{_fmt(s.get('complete_runs'), '.2f', 'x')} | {_fmt(cost.get('time_vs_fused_adamw'), '.2f', 'x')} | "
+            f"{_fmt(cost.get('state_vs_adamw'), '.2f', 'x')} |"
         )
     lines += ["", "\\* significant at p < 0.05; otherwise the honest reading is *no significant difference*.", ""]
     if step:
-        lines += ["Optimizer step time and state memory: see `results/step/` (`lmopt bench step`).", ""]
+        lines += [f"The last two columns are each optimizer's default implementation on `{step['preset']}`'s "
+                  f"parameters, from `{step['command']}` at commit `{step['commit'][:12]}` "
+                  "(results/step/, with the compiled variants and the training-step and trainer measurements).", ""]
     else:
         lines += ["Optimizer step time and state memory are measured by `lmopt bench step` (not yet run for this "
-                  "report); the last column is whole training steps of this suite on this machine.", ""]
+                  "report). Wall-clock times of the suite's runs are not compared: runs share the machine.", ""]
     lines += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in plots] + [""]
     lines += ["## The papers' claims beside our measurement", "",
               "Reported numbers are copied from `shared/papers/` (134M Qwen on FineWeb unless noted). Ours compare "
