@@ -199,6 +199,8 @@ def _add_bench_parser(sub) -> None:
     step.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     step.add_argument("--only", nargs="+", metavar="NAME", help="only these rows (as the table names them)")
     step.add_argument("--no-compiled", action="store_true", help="skip the torch.compile variants")
+    step.add_argument("--profile", nargs="+", metavar="NAME", default=[],
+                      help="rows to profile (top operators of one step), e.g. 'muon' 'spectra'")
     step.add_argument("--out", default="results/step", help="output directory (default results/step)")
 
 
@@ -226,7 +228,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         compiled = not args.no_compiled
-        result = bench_step.run_step_benchmark(args.preset, args.repeats, args.warmup, args.only, compiled, log=_log)
+        result = bench_step.run_step_benchmark(args.preset, args.repeats, args.warmup, args.only, compiled,
+                                               args.profile, log=_log)
         if args.train_preset != "none":
             result["train_step"] = bench_step.run_train_step_benchmark(args.train_preset, only=args.only,
                                                                        compiled=compiled, log=_log)

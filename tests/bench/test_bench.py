@@ -94,7 +94,7 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     )
     from lmopt.registry import OPTIMIZERS
 
-    result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, log=lambda _: None)
+    result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, profile=["spectra"], log=lambda _: None)
     rows = result["results"]
     assert set(OPTIMIZERS.names()) - {"adamw"} <= set(rows) and BASELINE in rows
     assert {"spectra (per-matrix)", "spectra (refresh every 10)", "torch.optim.Muon (matrices only)"} <= set(rows)
@@ -112,3 +112,4 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     assert result["trainer_overhead"]["ratio"] > 0
     text = write_step_results(result, tmp_path, "lmopt bench step --preset nano", "abc").read_text()
     assert "| spectra |" in text and "## Training step" in text and "| ratio |" in text
+    assert "Where the time goes: `spectra`" in text and result["profiles"]["spectra"][0]["calls"] >= 1

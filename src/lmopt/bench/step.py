@@ -87,8 +87,21 @@ def _machine(threads: int) -> dict:
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
 
 
+def profile_table(step: Callable[[], None], top: int = 8) -> list[dict]:
+    """Where one call of ``step`` spends its time: the ``top`` operators by self CPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
+
+
 def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int = 2,
-                       only: list[str] | None = None, compiled: bool = True, log=print) -> dict:
+                       only: list[str] | None = None, compiled: bool = True, profile: list[str] | None = None,
+                       log=print) -> dict:
     """Optimizer step time and state memory of every candidate on ``preset``'s parameter shapes."""
     torch.manual_seed(0)
     model = Qwen3(get_preset(preset).config)
@@ -113,8 +126,9 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
         s = state_bytes(opt)
         rows[name] = {"step_seconds": medians[name], "time_vs_fused_adamw": medians[name] / base_time,
                       "state_bytes": s, "state_bytes_per_param": s / n_params, "state_vs_adamw": s / base_state}
+    profiles = {name: profile_table(optimizers[name].step) for name in profile or [] if name in optimizers}
     return {"preset": preset, "params": n_params, "repeats": repeats, "warmup": warmup,
-            **_machine(torch.get_num_threads()), "results": rows}
+            **_machine(torch.get_num_threads()), "results": rows, "profiles": profiles}
 
 
 def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len: int = 256,
@@ -257,6 +271,10 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
     for name, r in sorted(result["results"].items(), key=lambda kv: kv[1]["step_seconds"]):
         lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_fused_adamw']:.2f}x | "
                      f"{r['state_bytes_per_param']:.2f} | {r['state_vs_adamw']:.2f}x |")
+    for name, table in result.get("profiles", {}).items():
+        lines += ["", f"### Where the time goes: `{name}` (one step, torch.profiler, self CPU time)", "",
+                  "| operator | calls | self time | share |", "|---|---:|---:|---:|"]
+        lines += [f"| `{row['op']}` | {row['calls']} | {row['self_ms']:.1f} ms | {row['share']:.0%} |" for row in table]
     train = result.get("train_step")
     if train:
         lines += ["", f"## Training step: forward + backward + clip + step, `{train['preset']}` on {train['data']}",
