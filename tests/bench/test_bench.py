@@ -6,7 +6,7 @@ import pytest
 
 from lmopt.bench.report import write_report
 from lmopt.bench.runner import BenchRunner, load_records
-from lmopt.bench.stats import budget_speedup, curve_speedup, tokens_to_reach, welch
+from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach, welch
 from lmopt.bench.suites import Suite, log_grid
 from lmopt.registry import SUITES
 
@@ -27,6 +27,9 @@ def test_tokens_to_target_interpolates_linearly():
     assert curve_speedup(tokens, base, tokens, np.array([10.0, 8.0, 6.0])) == pytest.approx(0.5)
     # complete runs at budgets 100 and 200 with final losses 5.5 and 4.5: 5.0 is reached at sqrt(100*200)
     assert budget_speedup(5.0, 200, [100, 200], [5.5, 4.5]) == pytest.approx(200 / math.sqrt(100 * 200))
+    assert budget_speedup_text(5.0, 200, [100, 200], [4.9, 4.5]) == "> 2.00x"  # beaten at half the budget
+    assert budget_speedup_text(5.0, 200, [100, 200], [5.9, 5.5]) == "< 1.00x"  # not reached in the full budget
+    assert budget_speedup_text(5.0, 200, [200], [5.5]) == "—"
 
 
 def test_welch_says_no_difference_for_identical_samples_and_finds_a_clear_one():

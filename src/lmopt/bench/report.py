@@ -14,7 +14,7 @@ import numpy as np
 
 from lmopt.bench.claims import CLAIMS, Claim
 from lmopt.bench.runner import best_lr, load_records, results_dir
-from lmopt.bench.stats import bootstrap_speedup, budget_speedup, welch
+from lmopt.bench.stats import bootstrap_speedup, budget_speedup, budget_speedup_text, welch
 from lmopt.bench.suites import Suite
 from lmopt.data.paths import atomic_write_text
 from lmopt.registry import SUITES
@@ -89,10 +89,13 @@ def speedups(results: dict[str, OptimizerResult], suite: Suite) -> dict[str, dic
     for name, r in results.items():
         point, low, high = bootstrap_speedup(base.curves, r.curves, r.tokens, base.tokens)
         budgets = sorted(r.budget_finals)
-        complete = budget_speedup(base_final, suite.tokens(), [suite.tokens(b) for b in budgets],
-                                  [float(np.mean(r.budget_finals[b])) for b in budgets])
+        budget_tokens = [suite.tokens(b) for b in budgets]
+        budget_means = [float(np.mean(r.budget_finals[b])) for b in budgets]
+        complete = budget_speedup(base_final, suite.tokens(), budget_tokens, budget_means)
+        complete_text = budget_speedup_text(base_final, suite.tokens(), budget_tokens, budget_means)
         t, p = welch(r.finals, base.finals)
-        out[name] = {"speedup": point, "low": low, "high": high, "complete_runs": complete, "t": t, "p": p,
+        out[name] = {"speedup": point, "low": low, "high": high, "complete_runs": complete,
+                     "complete_runs_text": complete_text, "t": t, "p": p,
                      "delta": r.mean - base_final}
     return out
 
@@ -190,7 +193,7 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
             f"{r.mean:.4f} ± {_fmt(r.std)} (n={len(r.finals)}) "
             f"| {_fmt(s.get('delta'), '+.4f')}{significance} | {_fmt(verdict_p, '.3g')} | "
             f"{_fmt(s.get('speedup'), '.2f', 'x')} [{_fmt(s.get('low'), '.2f')}, {_fmt(s.get('high'), '.2f')}] | "
-            f"{_fmt(s.get('complete_runs'), '.2f', 'x')} | {_fmt(cost.get('time_vs_fused_adamw'), '.2f', 'x')} | "
+            f"{s.get('complete_runs_text', '—')} | {_fmt(cost.get('time_vs_fused_adamw'), '.2f', 'x')} | "
             f"{_fmt(cost.get('state_vs_adamw'), '.2f', 'x')} |"
         )
     lines += ["", "\\* significant at p < 0.05; otherwise the honest reading is *no significant difference*.", ""]

@@ -47,6 +47,20 @@ def budget_speedup(base_final: float, base_budget: float, budgets: list[float], 
     return math.nan
 
 
+def budget_speedup_text(base_final: float, base_budget: float, budgets: list[float], finals: list[float]) -> str:
+    """:func:`budget_speedup` as table text, with a bound when the target lies outside the budgets run:
+    "> 2.00x" when even the shortest complete run ends below the baseline's final loss, "< 1.00x" when even
+    the longest ends above it."""
+    value = budget_speedup(base_final, base_budget, budgets, finals)
+    if not math.isnan(value):
+        return f"{value:.2f}x"
+    if len(finals) > 1 and all(f <= base_final for f in finals):
+        return f"> {base_budget / min(budgets):.2f}x"
+    if len(finals) > 1 and all(f > base_final for f in finals):
+        return f"< {base_budget / max(budgets):.2f}x"
+    return "—"
+
+
 def bootstrap_speedup(base_curves: np.ndarray, curves: np.ndarray, tokens: np.ndarray, base_tokens: np.ndarray,
                       resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """(speedup of the seed-mean curves, 2.5th and 97.5th percentile over seed resamples).
