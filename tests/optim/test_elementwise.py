@@ -2,6 +2,7 @@
 and a clear fallback where torch.compile cannot run."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -62,3 +63,22 @@ def test_without_a_working_compiler_the_step_warns_and_runs_eagerly():
     assert compiled.impl == "eager"
     for w, ref in zip(weights, reference, strict=True):
         assert torch.equal(w, ref)
+
+
+def test_past_the_compile_limit_the_step_says_so_and_runs_eagerly(monkeypatch):
+    # A limit hit must never be silent: torch.compile's own default would run the step uncompiled without a word.
+    from lmopt.optim import elementwise
+
+    monkeypatch.setattr(elementwise, "RECOMPILE_LIMIT", 1)
+    torch.manual_seed(1)
+    for shape in [(5, 11), (6, 11)]:  # two new layouts: at least the second is over a limit of one
+        weight = torch.randn(shape)
+        reference = weight.clone()
+        weight.grad = reference.grad = torch.randn(shape)
+        compiled, eager = LAMB([weight], lr=1e-2, impl="compiled"), LAMB([reference], lr=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled.step()
+        eager.step()
+    assert compiled.impl == "eager" and any("unavailable here" in str(w.message) for w in caught)
+    assert torch.equal(weight, reference)  # the fallback ran the eager update

@@ -35,6 +35,7 @@ from lmopt.optim.distributed import is_dtensor
 from lmopt.optim.spec import OptionError
 
 IMPLS = ("eager", "compiled")
+RECOMPILE_LIMIT = 64  # compiled layouts (optimizer class x parameter shapes) per process before falling back
 
 Update = Callable[[Tensor, Tensor, Sequence[Tensor], Sequence, dict], None]
 
@@ -58,7 +59,7 @@ def _compiled_loop(update: Update) -> Callable:
         for i, (p, grad, ts, const) in enumerate(zip(params, grads, tensors, constants, strict=True)):
             update(p, grad, ts, table[i], const)
 
-    return torch.compile(loop, dynamic=False)
+    return torch.compile(loop, dynamic=False, fullgraph=True)
 
 
 class ElementwiseOptimizer(LmoptOptimizer):
@@ -115,9 +116,15 @@ class ElementwiseOptimizer(LmoptOptimizer):
 
     def _run_compiled(self, params, tensors, scalars, constants) -> bool:
         table = torch.tensor(scalars, dtype=torch.float64, device=params[0].device)
+        # Every optimizer class and parameter layout is one more compiled entry of the same ``loop`` frame, so
+        # the per-frame limit is raised (a process may hold many optimizers, as the benchmark does), and a
+        # limit hit or a graph break raises instead of running silently uncompiled.
+        limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
         try:
-            _compiled_loop(type(self).update)(params, [p.grad for p in params], tensors, table, constants)
-        except torch._dynamo.exc.TorchDynamoException as error:  # failed while compiling, before anything ran
+            with limits:
+                _compiled_loop(type(self).update)(params, [p.grad for p in params], tensors, table, constants)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+            # raised while compiling, before anything ran: say why, then run eagerly
             warnings.warn(f"{type(self).__name__}(impl='compiled'): torch.compile is unavailable here "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using impl='eager'",
                           stacklevel=3)
