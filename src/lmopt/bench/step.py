@@ -128,9 +128,9 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     model.init_weights(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    candidates = {k: v for k, v in _step_candidates(model, compiled).items() if not only or k in only}
-    candidates.pop(BASELINE, None)
-    baseline = _warm(BASELINE, lambda: build("adamw", model, impl="fused"), warmup, log)
+    candidates = _step_candidates(model, compiled)
+    baseline = _warm(BASELINE, candidates.pop(BASELINE), warmup, log)
+    candidates = {k: v for k, v in candidates.items() if not only or k in only}
     n_params = sum(p.numel() for p in model.parameters())
     base_state = state_bytes(baseline)
     base_times: list[float] = []
