@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
@@ -65,12 +63,7 @@ class AMCS(ElementwiseOptimizer):
                                       total_steps=total_steps, alpha_schedule=alpha_schedule,
                                       component_scales=component_scales), impl)
 
-    def init_state(self, p, state, group):
-        for key in ("fast", "slow", "exp_avg_sq"):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def tensors(self, p, state, group):
-        return [state["fast"], state["slow"], state["exp_avg_sq"]]
+    buffers = ("fast", "slow", "exp_avg_sq")
 
     def scalars(self, group, state):
         beta_fast, beta_slow, beta_v = group["betas"]

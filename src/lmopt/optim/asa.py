@@ -30,7 +30,7 @@ import torch
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
@@ -57,9 +57,10 @@ class ASA(ElementwiseOptimizer):
     def is_spectral(p: torch.Tensor, group: dict) -> bool:
         return group.get("role", "other") in ATTENTION_ROLES and group["spectral_scale"] > 0 and p.dim() == 2
 
+    buffers = ("exp_avg", "exp_avg_sq")
+
     def init_state(self, p, state, group):
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super().init_state(p, state, group)
         if self.is_spectral(p, group):
             # A seeded start, refined so that with the step's own iterations the first step runs init_power_iters.
             gen = torch.Generator().manual_seed(group["seed"] + p.shape[0] * 7919 + p.shape[1])
@@ -71,12 +72,11 @@ class ASA(ElementwiseOptimizer):
             state["power_vector"] = v
 
     def tensors(self, p, state, group):
-        return [state["exp_avg"], state["exp_avg_sq"]] + ([state["power_vector"]] if "power_vector" in state else [])
+        return super().tensors(p, state, group) + ([state["power_vector"]] if "power_vector" in state else [])
 
     def scalars(self, group, state):
-        beta1, beta2 = group["betas"]
         role_scale = PAPER_ROLE_LR_SCALES.get(group.get("role", "other"), 1.0) if group["role_lr_scales"] else 1.0
-        return group["lr"], group["lr"] * role_scale, 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        return group["lr"], group["lr"] * role_scale, *bias_corrections(group["betas"], state["step"])
 
     def constants(self, group):
         return {k: group[k] for k in ("betas", "eps", "weight_decay", "spectral_scale", "power_iters")}

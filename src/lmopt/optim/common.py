@@ -35,7 +35,7 @@ def check_common(lr: float, eps: float, weight_decay: float) -> None:
 class LmoptOptimizer(Optimizer):
     """Base class: the closure handling and gradient checks of every lmopt optimizer.
 
-    Subclasses implement ``_step_group(group)``.
+    Subclasses implement ``_step_group(group)``, or ``_step_groups()`` to step all groups at once.
     """
 
     @torch.no_grad()
@@ -44,9 +44,12 @@ class LmoptOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         for group in self.param_groups:
             self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

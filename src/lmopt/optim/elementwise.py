@@ -1,9 +1,10 @@
 """Per-tensor optimizers and their compiled path.
 
 An optimizer whose update of a tensor reads only that tensor, its gradient and its own state (LAMB,
-StableAdamW, ASA, MSAM, AMCS, OrthoAdam) is written here as three small pieces:
+StableAdamW, ASA, MSAM, AMCS, OrthoAdam) is written here as a few small pieces:
 
-- ``init_state(p, state, group)``: create the state lazily (zeros like ``p``, seeds, caches);
+- ``buffers``: the names of its state tensors shaped like ``p`` (created as zeros, passed to ``update``
+  first); ``init_state`` and ``tensors`` extend that where an optimizer keeps more (seeds, caches);
 - ``scalars(group, state)``: the numbers that change from step to step (lr, bias corrections), as floats;
 - ``update(p, grad, tensors, scalars, constants)``: one tensor's update, in place, a pure function of its
   arguments (a ``staticmethod``). ``constants`` are the group's fixed hyper-parameters.
@@ -45,6 +46,11 @@ def check_impl(impl: str) -> None:
         raise OptionError(f"Invalid impl: {impl!r}; choose one of {', '.join(IMPLS)}")
 
 
+def bias_corrections(betas: Sequence[float], step: int) -> tuple[float, ...]:
+    """1 - β^t for each β: the divisors of Adam-style bias-corrected moments."""
+    return tuple(1 - beta**step for beta in betas)
+
+
 def add_scaled_(p: Tensor, x: Tensor, alpha: float | Tensor) -> Tensor:
     """p += alpha x, for a float alpha (eager: one kernel) or a 0-d tensor alpha (compiled path)."""
     if isinstance(alpha, Tensor):
@@ -70,12 +76,15 @@ class ElementwiseOptimizer(LmoptOptimizer):
         super().__init__(params, defaults)
         self.impl = impl
 
-    # -- the three pieces a subclass defines --------------------------------------------------------------
-    def init_state(self, p: Tensor, state: dict, group: dict) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    buffers: tuple[str, ...] = ()  # the state tensors shaped like the parameter, passed to ``update`` first
 
-    def tensors(self, p: Tensor, state: dict, group: dict) -> list[Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # -- the pieces a subclass defines (state and tensors default to zero ``buffers``) -------------------------
+    def init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        for key in self.buffers:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def tensors(self, p: Tensor, state: dict, group: dict) -> list[Tensor]:
+        return [state[key] for key in self.buffers]
 
     def scalars(self, group: dict, state: dict) -> tuple[float, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -85,13 +94,8 @@ class ElementwiseOptimizer(LmoptOptimizer):
 
     update: Update
 
-    # -- the step -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    # -- the step: every group's tensors in one pass -----------------------------------------------------------
+    def _step_groups(self) -> None:
         params, tensors, scalars, constants = [], [], [], []
         for group in self.param_groups:
             group_constants = self.constants(group)
@@ -106,13 +110,12 @@ class ElementwiseOptimizer(LmoptOptimizer):
                 scalars.append(self.scalars(group, state))
                 constants.append(group_constants)
         if not params:
-            return loss
+            return
         compiled = self.impl == "compiled" and not any(is_dtensor(p) for p in params)
         if compiled and self._run_compiled(params, tensors, scalars, constants):
-            return loss
+            return
         for p, ts, s, c in zip(params, tensors, scalars, constants, strict=True):
             self.update(p, p.grad, ts, s, c)
-        return loss
 
     def _run_compiled(self, params, tensors, scalars, constants) -> bool:
         table = torch.tensor(scalars, dtype=torch.float64, device=params[0].device)

@@ -27,13 +27,12 @@ Memory: three fp32 buffers per parameter (12 bytes), 1.5x AdamW's.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
@@ -72,15 +71,10 @@ class MSAM(ElementwiseOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability),
                          impl)
 
-    def init_state(self, p, state, group):
-        for key in ("fast", "slow", "exp_avg_sq"):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def tensors(self, p, state, group):
-        return [state["fast"], state["slow"], state["exp_avg_sq"]]
+    buffers = ("fast", "slow", "exp_avg_sq")
 
     def scalars(self, group, state):
-        return (group["lr"], *(1 - beta ** state["step"] for beta in group["betas"]))
+        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
 
     def constants(self, group):
         return {k: group[k] for k in ("betas", "eps", "weight_decay", "stability")} | {

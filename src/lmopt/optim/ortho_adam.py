@@ -24,7 +24,7 @@ from torch import Tensor
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
@@ -66,18 +66,15 @@ class OrthoAdam(ElementwiseOptimizer):
     def rotation_bytes(self) -> int:
         return sum(q.numel() * q.element_size() for q in self._rotations.values())
 
-    def init_state(self, p, state, group):
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    buffers = ("exp_avg", "exp_avg_sq")
 
     def tensors(self, p, state, group):
         if "rotation_seed" not in state:
             state["rotation_seed"] = group["seed"] + self._param_index(p)
-        return [state["exp_avg"], state["exp_avg_sq"], replicate_like(self.rotation(p, state["rotation_seed"]), p)]
+        return [*super().tensors(p, state, group), replicate_like(self.rotation(p, state["rotation_seed"]), p)]
 
     def scalars(self, group, state):
-        beta1, beta2 = group["betas"]
-        return group["lr"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
 
     def constants(self, group):
         return {k: group[k] for k in ("betas", "eps", "weight_decay")}

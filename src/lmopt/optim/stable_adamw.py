@@ -19,7 +19,7 @@ import torch
 
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
+from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 
@@ -36,16 +36,10 @@ class StableAdamW(ElementwiseOptimizer):
         check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), impl)
 
-    def init_state(self, p, state, group):
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def tensors(self, p, state, group):
-        return [state["exp_avg"], state["exp_avg_sq"]]
+    buffers = ("exp_avg", "exp_avg_sq")
 
     def scalars(self, group, state):
-        beta1, beta2 = group["betas"]
-        return group["lr"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
 
     def constants(self, group):
         return {k: group[k] for k in ("betas", "eps", "weight_decay")}
