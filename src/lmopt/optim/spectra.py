@@ -149,50 +149,85 @@ class Spectra(MatrixOptimizer):
             p.add_(like_shard(update, p), alpha=-group["lr"])
 
     def _batched_step(self, group: dict, params: list[Tensor], momenta: list[Tensor]) -> None:
-        """The same update without full-size temporaries: the large passes stay per matrix (the momentum
-        update, ||M||, C = UᵀM, one ``addmm_`` for decay plus the low-rank correction, one ``addcmul_`` for M),
-        and the small k-row work (thin QR, SVD of C, the shaping) runs batched per shape. The RMS of the shaped
-        momentum needs no pass: ||O||² = ||M||² - ||s||² + ||shape(s)||², since U is orthonormal."""
-        wides = [M if M.shape[0] <= M.shape[1] else M.mT for M in momenta]
-        for indices in by_shape_indices(wides):
+        """The same update without full-size temporaries and without a single SVD after the first step.
+
+        The large passes stay per matrix: the momentum update, ||M||, C = UᵀM, one ``addmm_`` for decay plus
+        the low-rank correction and one ``addcmul_`` for M. Everything of size k (the thin QR of the refresh,
+        the spike's spectrum) runs batched per shape, from C's k x k Gram matrix (see :func:`spike_operator`).
+        The RMS of the shaped momentum needs no pass: ||O||² = ||M||² - ||s||² + ||shape(s)||², since U is
+        orthonormal. Skinny products are taken in the stored orientation of M (``M @ U`` for a tall M rather
+        than ``Uᵀ Mᵀ``): BLAS is up to 4x slower on the transposed operand."""
+        for indices in by_shape_indices(momenta):
             states = [self.state[params[i]] for i in indices]
-            W = [wides[i] for i in indices]
+            M = [momenta[i] for i in indices]
             if any("basis" not in state for state in states):  # first step: exact top-k, batched
-                k = spike_rank(*W[0].shape, group["rank_fraction"])
-                bases = top_left_singular_basis(torch.stack(W), k).unbind(0)
-                for state, basis in zip(states, bases, strict=True):
+                wides = torch.stack([m if _is_wide(m) else m.mT for m in M])
+                k = spike_rank(*M[0].shape, group["rank_fraction"])
+                for state, basis in zip(states, top_left_singular_basis(wides, k).unbind(0), strict=True):
                     state["basis"] = basis.contiguous()
-            coords = [state["basis"].mT @ w for state, w in zip(states, W, strict=True)]  # C = UᵀM, (k, c)
+            coords = [spike_coordinates(m, state["basis"]) for m, state in zip(M, states, strict=True)]
             refresh = [j for j, state in enumerate(states) if self._refresh_due(state, group) and state["step"] > 1]
             if refresh:  # block power iteration: U <- qr(M (MᵀU)), and MᵀU = Cᵀ is already at hand
                 for _ in range(group["power_iters"]):
-                    grown = torch.stack([W[j] @ coords[j].mT for j in refresh])
-                    new_bases = torch.linalg.qr(grown).Q
-                    for j, basis in zip(refresh, new_bases.unbind(0), strict=True):
+                    grown = torch.stack([grow_basis(M[j], coords[j]) for j in refresh])
+                    for j, basis in zip(refresh, torch.linalg.qr(grown).Q.unbind(0), strict=True):
                         states[j]["basis"] = basis.contiguous()
-                        coords[j] = basis.mT @ W[j]
-            self._apply_shaped(group, [params[i] for i in indices], W, [s["basis"] for s in states], coords)
+                        coords[j] = spike_coordinates(M[j], states[j]["basis"])
+            self._apply_shaped(group, [params[i] for i in indices], M, [s["basis"] for s in states], coords)
 
-    def _apply_shaped(self, group: dict, params: list[Tensor], W: list[Tensor], bases: list[Tensor],
+    def _apply_shaped(self, group: dict, params: list[Tensor], M: list[Tensor], bases: list[Tensor],
                       coords: list[Tensor]) -> None:
-        r, c = W[0].shape
-        k = bases[0].shape[-1]
-        A, s, Bt = torch.linalg.svd(torch.stack(coords), full_matrices=False)  # C = A diag(s) Bᵀ, batched
-        M_energy = torch.stack([torch.linalg.vector_norm(w) for w in W]).square()
+        r, c = min(M[0].shape), max(M[0].shape)
+        M_energy = torch.stack([torch.linalg.vector_norm(m) for m in M]).square()
+        operator, s, target = spike_operator(torch.stack(coords), M_energy, r, group["shaping"],
+                                             group["spike_scale"])
         s_energy = s.square().sum(-1)
-        tail = (M_energy - s_energy).clamp(min=0)
-        tau = (tail / (r - k)).sqrt() if r > k else torch.full_like(tail, math.inf)
-        target = shape_singular_values(s, tau.unsqueeze(-1), group["shaping"], group["spike_scale"])
         rms = ((M_energy - s_energy + target.square().sum(-1)).clamp(min=0) / (r * c)).sqrt()
         step_scale = -group["lr"] * group["rms_target"] / rms.clamp(min=1e-30)  # (b,)
-        left = torch.stack(bases) @ A * (step_scale.unsqueeze(-1) * (target - s)).unsqueeze(-2)  # (b, r, k)
+        left = torch.stack(bases) @ (operator * step_scale.view(-1, 1, 1))  # (b, r, k): step_scale U K
         decay = 1 - group["lr"] * group["weight_decay"]
         for j, p in enumerate(params):
-            if p.shape[0] <= p.shape[1]:
-                p.addmm_(left[j], Bt[j], beta=decay)  # p <- decay p + step_scale U A diag(t - s) Bᵀ
+            if _is_wide(p):
+                p.addmm_(left[j], coords[j], beta=decay)  # p <- decay p + step_scale U K C
             else:
-                p.addmm_(Bt[j].mT, left[j].mT, beta=decay)
-            p.addcmul_(W[j] if p.shape[0] <= p.shape[1] else W[j].mT, step_scale[j])
+                p.addmm_(coords[j].mT, left[j].mT, beta=decay)
+            p.addcmul_(M[j], step_scale[j])
+
+
+def _is_wide(M: Tensor) -> bool:
+    return M.shape[-2] <= M.shape[-1]
+
+
+def spike_coordinates(M: Tensor, U: Tensor) -> Tensor:
+    """C = Uᵀ M in the wide orientation (k, c), computed as ``(M U)ᵀ`` when M is stored tall."""
+    return U.mT @ M if _is_wide(M) else (M @ U).mT
+
+
+def grow_basis(M: Tensor, C: Tensor) -> Tensor:
+    """M Cᵀ (= M Mᵀ U) in the wide orientation (r, k), computed as ``(C M)ᵀ`` when M is stored tall."""
+    return M @ C.mT if _is_wide(M) else (C @ M).mT
+
+
+def spike_operator(C: Tensor, M_energy: Tensor, r: int, shaping: str, spike_scale: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The k x k operator K with U A diag(shape(s) - s) Bᵀ = U K C, for C = A diag(s) Bᵀ (batched, (b, k, c)).
+
+    From C Cᵀ = A diag(s²) Aᵀ (a k x k eigenproblem, in float64): K = A diag((shape(s) - s) / s) Aᵀ. The
+    factor (shape(s) - s) / s lies in [-1, 0] for every shaping, so small or zero singular values are
+    harmless (their directions carry no part of C). Far cheaper than an SVD of C: 84 thin SVDs of qwen3-134m
+    cost 37 ms on 2 CPU threads, the Gram eigenproblems 3 ms. Returns (K, s, shape(s)), s descending.
+    """
+    gram = C.double() @ C.double().mT
+    eigenvalues, A = torch.linalg.eigh(gram)
+    s = eigenvalues.clamp(min=0).sqrt()
+    k = C.shape[-2]
+    tail = (M_energy.double() - s.square().sum(-1)).clamp(min=0)
+    tau = (tail / (r - k)).sqrt() if r > k else torch.full_like(tail, math.inf)
+    target = shape_singular_values(s, tau.unsqueeze(-1), shaping, spike_scale)
+    factor = torch.where(s > 0, (target - s) / s.clamp(min=torch.finfo(s.dtype).tiny), 0.0)
+    operator = (A * factor.unsqueeze(-2)) @ A.mT
+    dtype = C.dtype
+    return operator.to(dtype), s.flip(-1).to(dtype), target.flip(-1).to(dtype)
 
 
 register(OptimizerSpec(
