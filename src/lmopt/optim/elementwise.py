@@ -118,19 +118,26 @@ class ElementwiseOptimizer(LmoptOptimizer):
             self.update(p, p.grad, ts, s, c)
 
     def _run_compiled(self, params, tensors, scalars, constants) -> bool:
-        table = torch.tensor(scalars, dtype=torch.float64, device=params[0].device)
-        # Every optimizer class and parameter layout is one more compiled entry of the same ``loop`` frame, so
-        # the per-frame limit is raised (a process may hold many optimizers, as the benchmark does), and a
-        # limit hit or a graph break raises instead of running silently uncompiled.
-        limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
-        try:
-            with limits:
-                _compiled_loop(type(self).update)(params, [p.grad for p in params], tensors, table, constants)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
-            # raised while compiling, before anything ran: say why, then run eagerly
-            warnings.warn(f"{type(self).__name__}(impl='compiled'): torch.compile is unavailable here "
-                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using impl='eager'",
-                          stacklevel=3)
-            self.impl = "eager"
-            return False
-        return True
+        return run_compiled(self, type(self).update, params, tensors, scalars, constants)
+
+
+def run_compiled(optimizer: torch.optim.Optimizer, update: Update, params: list[Tensor], tensors: list[list[Tensor]],
+                 scalars: list[tuple[float, ...]], constants: list[dict], fallback: str = "eager") -> bool:
+    """Run ``update`` over every tensor as one compiled function; False (after a warning, with
+    ``optimizer.impl`` set to ``fallback``) when torch.compile cannot run here, before anything was updated."""
+    table = torch.tensor(scalars, dtype=torch.float64, device=params[0].device)
+    # Every optimizer class and parameter layout is one more compiled entry of the same ``loop`` frame, so
+    # the per-frame limit is raised (a process may hold many optimizers, as the benchmark does), and a
+    # limit hit or a graph break raises instead of running silently uncompiled.
+    limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+    try:
+        with limits:
+            _compiled_loop(update)(params, [p.grad for p in params], tensors, table, constants)
+    except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+        # raised while compiling, before anything ran: say why, then run eagerly
+        warnings.warn(f"{type(optimizer).__name__}(impl='compiled'): torch.compile is unavailable here "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using impl={fallback!r}",
+                      stacklevel=4)
+        optimizer.impl = fallback
+        return False
+    return True
