@@ -1,0 +1,109 @@
+"""The README's view of a ``lmopt bench step`` results file: the fastest implementation of every optimizer and
+issue 8's targets, each computed from the JSON (nothing typed by hand).
+
+    python -m lmopt.bench.step_summary results/step/cpu-2threads-qwen3-134m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmopt.registry import OPTIMIZERS
+
+BASELINE = "adamw (fused)"
+TORCH_MUON, LMOPT_MUON = "torch.optim.Muon (matrices only)", "lmopt muon (matrices only)"
+SPECTRA_REFRESHED = "spectra (refresh every 10)"
+REFERENCE_ROWS = ("adamw (for-loop)", TORCH_MUON, LMOPT_MUON, SPECTRA_REFRESHED)
+PER_TENSOR = ("asm", "asa", "amcs", "stable-adamw", "msam", "lamb", "adafactor", "ortho-adam")
+LIMIT = 1.5
+
+
+def fastest_rows(results: dict) -> dict[str, str]:
+    """Registered optimizer -> the name of its fastest measured row (default or another implementation)."""
+    out = {}
+    for name in OPTIMIZERS.names():
+        rows = [row for row in results if row == name or (row.startswith(f"{name} (") and "refresh" not in row
+                                                             and "per-matrix" not in row)]
+        if name == "adamw":
+            rows = [BASELINE] if BASELINE in results else rows
+        if rows:
+            out[name] = min(rows, key=lambda row: results[row]["time_vs_fused_adamw"])
+    return out
+
+
+def step_table(results: dict) -> str:
+    rows = list(dict.fromkeys([*fastest_rows(results).values(), *(r for r in REFERENCE_ROWS if r in results)]))
+    rows.sort(key=lambda row: results[row]["time_vs_fused_adamw"])
+    lines = ["| optimizer (fastest implementation) | step | vs fused AdamW | state vs AdamW |", "|---|---:|---:|---:|"]
+    for row in rows:
+        r = results[row]
+        lines.append(f"| {row} | {r['step_seconds'] * 1e3:.0f} ms | {r['time_vs_fused_adamw']:.2f}x "
+                     f"| {r['state_vs_adamw']:.2f}x |")
+    return "\n".join(lines)
+
+
+def spectra_matrix_state_ratio(results: dict) -> float | None:
+    """Spectra's state on the hidden matrices it owns, over AdamW's on the same matrices. lmopt's Muon on the
+    matrices only keeps one fp32 buffer per entry, which counts the matrix entries."""
+    if not all(row in results for row in ("spectra", BASELINE, LMOPT_MUON)):
+        return None
+    matrix_entries = results[LMOPT_MUON]["state_bytes"] / 4
+    adamw_rest = results[BASELINE]["state_bytes"] - 8 * matrix_entries
+    return (results["spectra"]["state_bytes"] - adamw_rest) / (8 * matrix_entries)
+
+
+def _verdict(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def targets_table(data: dict) -> str:
+    results = data["results"]
+    fastest = fastest_rows(results)
+    lines = ["| target (issue 8) | measured | met? |", "|---|---|---|"]
+    per_tensor = [(name, results[fastest[name]]["time_vs_fused_adamw"]) for name in PER_TENSOR if name in fastest]
+    missed = [name for name, ratio in per_tensor if ratio > LIMIT]
+    lines.append("| per-tensor optimizers ≤ 1.5x fused AdamW | "
+                 + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in sorted(per_tensor, key=lambda x: x[1]))
+                 + f" | {'all' if not missed else 'no: ' + ', '.join(missed)} |")
+    if "spectra" in results:
+        spectra = results["spectra"]["time_vs_fused_adamw"]
+        refreshed = results.get(SPECTRA_REFRESHED, {}).get("time_vs_fused_adamw")
+        lines.append(f"| Spectra ≤ 1.5x fused AdamW (default: refresh every step) | {spectra:.2f}x; "
+                     f"{refreshed:.2f}x refreshing every 10 steps | {_verdict(spectra <= LIMIT)} |")
+        matrix_state = spectra_matrix_state_ratio(results)
+        whole = results["spectra"]["state_vs_adamw"]
+        lines.append(f"| Spectra state ≤ 0.55x AdamW's | {matrix_state:.2f}x on the hidden matrices it owns; "
+                     f"{whole:.2f}x for the whole model (AdamW keeps the embedding's) "
+                     f"| {_verdict(matrix_state <= 0.55)} on its matrices |")
+    if TORCH_MUON in results and "spectra" in results:
+        torch_muon = results[TORCH_MUON]["step_seconds"]
+        every = torch_muon / results["spectra"]["step_seconds"]
+        refreshed = torch_muon / results[SPECTRA_REFRESHED]["step_seconds"]
+        lines.append(f"| Spectra ≥ 10x faster than `torch.optim.Muon` | {every:.1f}x (every-step refresh), "
+                     f"{refreshed:.1f}x (refresh every 10) | {_verdict(every >= 10)} |")
+    if TORCH_MUON in results and LMOPT_MUON in results:
+        speedup = results[TORCH_MUON]["step_seconds"] / results[LMOPT_MUON]["step_seconds"]
+        lines.append(f"| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | {speedup:.2f}x "
+                     f"| {_verdict(speedup >= 1.5)} |")
+    overhead = data.get("trainer_overhead")
+    if overhead:
+        lines.append(f"| `lmopt train` ≥ 0.95x a bare loop's throughput | {overhead['ratio']:.2f}x "
+                     f"| {_verdict(overhead['ratio'] >= 0.95)} |")
+    return "\n".join(lines)
+
+
+def summary(data: dict) -> str:
+    return f"{step_table(data['results'])}\n\n{targets_table(data)}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a results/step/*.json file")
+    args = parser.parse_args(argv)
+    print(summary(json.loads(args.results.read_text())), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The README's summary of a step-benchmark file: fastest implementation per optimizer, targets from the data."""
+
+from lmopt.bench.step_summary import fastest_rows, spectra_matrix_state_ratio, summary
+
+
+def row(seconds: float, ratio: float, state_bytes: int = 800, state_ratio: float = 1.0) -> dict:
+    return {"step_seconds": seconds, "time_vs_fused_adamw": ratio, "state_bytes": state_bytes,
+            "state_vs_adamw": state_ratio}
+
+
+RESULTS = {
+    "adamw (fused)": row(0.08, 1.0, state_bytes=800),
+    "adamw (for-loop)": row(0.5, 6.0, state_bytes=800),
+    "lamb": row(0.4, 5.0), "lamb (compiled)": row(0.1, 1.3),
+    "spectra": row(0.2, 2.5, state_bytes=600, state_ratio=0.75),
+    "spectra (refresh every 10)": row(0.1, 1.2, state_bytes=600, state_ratio=0.75),
+    "spectra (per-matrix)": row(0.05, 0.5, state_bytes=600, state_ratio=0.75),
+    "torch.optim.Muon (matrices only)": row(2.0, 25.0, state_bytes=200),
+    "lmopt muon (matrices only)": row(1.0, 12.0, state_bytes=200),
+}
+
+
+def test_the_fastest_implementation_of_each_optimizer_is_chosen_and_variants_are_not():
+    fastest = fastest_rows(RESULTS)
+    assert fastest["lamb"] == "lamb (compiled)"
+    assert fastest["adamw"] == "adamw (fused)"
+    assert fastest["spectra"] == "spectra"  # the refresh-interval and per-matrix rows are other settings
+
+
+def test_targets_are_computed_from_the_file():
+    # 50 matrix entries (Muon's 4 bytes each); AdamW keeps 800 - 400 = 400 bytes elsewhere, Spectra 200 on them
+    assert spectra_matrix_state_ratio(RESULTS) == 0.5
+    text = summary({"results": RESULTS, "trainer_overhead": {"ratio": 0.9}})
+    assert "| lamb (compiled) | 100 ms | 1.30x | 1.00x |" in text
+    assert "| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | 2.00x | yes |" in text
+    assert "10.0x (every-step refresh), 20.0x (refresh every 10) | yes |" in text
+    assert "| `lmopt train` ≥ 0.95x a bare loop's throughput | 0.90x | no |" in text
+    assert "lamb 1.30x | all |" in text
+
+
+def test_the_readme_quotes_the_committed_step_results():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = json.loads((root / "results/step/cpu-2threads-qwen3-134m.json").read_text())
+    assert summary(data) in (root / "README.md").read_text()
