@@ -51,43 +51,42 @@ class Adafactor(torch.optim.Adafactor):
     @torch.no_grad()
     def step(self, closure=None):
         sharded = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
-        if not sharded:
-            if self.impl == "compiled" and closure is None and self._compiled_step():
-                return None
+        if not sharded and self.impl != "compiled":
             return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._sharded_update(p, self.state[p], group)
+        if sharded:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._sharded_update(p, self.state[p], group)
+        else:
+            self._compiled_step()
         return loss
 
-    def _compiled_step(self) -> bool:
-        params, tensors, scalars, constants = [], [], [], []
+    def _compiled_step(self) -> None:
+        """One compiled call per tensor: for Adafactor, Inductor's single graph over all of qwen3-134m's
+        tensors measured 1.5x slower than a graph per tensor (the other per-tensor optimizers are faster as one
+        graph). Where compilation is unavailable the same ``adafactor_update`` runs eagerly."""
         for group in self.param_groups:
-            group_params: list[torch.Tensor] = []
-            self._init_group(group, group_params, [], [], [], [], [])
+            params: list[torch.Tensor] = []
+            self._init_group(group, params, [], [], [], [], [])
             eps1, eps2 = group["eps"]
-            for p in group_params:
+            for p in params:
                 state = self.state[p]
                 state["step"] += 1
                 t = float(state["step"])
-                params.append(p)
-                tensors.append([state["row_var"], state["col_var"]] if p.grad.dim() > 1 else [state["variance"]])
-                scalars.append((group["lr"], t ** group["beta2_decay"], min(group["lr"], 1 / t**0.5)))
-                constants.append({"weight_decay": group["weight_decay"], "d": group["d"], "eps2": eps2,
-                                  "eps1": torch.finfo(p.dtype).eps if eps1 is None else eps1,
-                                  "maximize": group["maximize"]})
-        if not params:
-            return True
-        if run_compiled(self, adafactor_update, params, tensors, scalars, constants, fallback="for-loop"):
-            return True
-        for p in params:  # nothing ran: take the count back, torch's step counts it again
-            self.state[p]["step"] -= 1
-        return False
+                tensors = [state["row_var"], state["col_var"]] if p.grad.dim() > 1 else [state["variance"]]
+                scalars = (group["lr"], t ** group["beta2_decay"], min(group["lr"], 1 / t**0.5))
+                constants = {"weight_decay": group["weight_decay"], "d": group["d"], "eps2": eps2,
+                             "eps1": torch.finfo(p.dtype).eps if eps1 is None else eps1,
+                             "maximize": group["maximize"]}
+                if not (self.impl == "compiled"
+                        and run_compiled(self, adafactor_update, [p], [tensors], [scalars], [constants],
+                                         fallback="for-loop")):
+                    adafactor_update(p, p.grad, tensors, scalars, constants)
 
     def _sharded_update(self, p, state: dict, group: dict) -> None:
         """torch's single-tensor Adafactor step, written out of place so that it runs on DTensors."""
@@ -157,9 +156,9 @@ def adafactor_update(p, grad, tensors, scalars, c) -> None:
         inverse_std = variance.clamp(min=floor).rsqrt()
     update_rms = (grad.square() * inverse_var).mean().sqrt()
     step_size = alpha / (update_rms / c["d"]).clamp(min=1.0)
-    if c["weight_decay"] != 0:
-        p.mul_(1 - lr * c["weight_decay"])
-    p.addcmul_(grad, inverse_std * -step_size)
+    # p <- p (1 - lr λ) + ... in one expression even when λ = 0 (x·1 is exact): an in-place add alone was
+    # compiled as a fresh full-size result copied back into p (2x slower on the embedding)
+    p.copy_(p * (1 - lr * c["weight_decay"]) + grad * inverse_std * -step_size)
 
 
 def build_adafactor(model, lr, weight_decay, beta2_decay, eps2, d, impl) -> Adafactor:
