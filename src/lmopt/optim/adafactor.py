@@ -18,8 +18,8 @@ with ``.item()`` and squares a partial column norm in place), so for DTensor par
 out of place, with the column statistics reduced across ranks; the state has torch's layout (``step``,
 ``row_var``, ``col_var`` / ``variance``), so checkpoints move between the two.
 
-``impl="compiled"`` runs the same step as one ``torch.compile``'d loop over every tensor (the machinery of
-:mod:`lmopt.optim.elementwise`), without torch's per-tensor ``.item()`` reads and full-size temporaries: the
+``impl="compiled"`` runs the same step through ``torch.compile`` (the machinery of :mod:`lmopt.optim.elementwise`,
+one compiled call per tensor), without torch's per-tensor ``.item()`` reads and full-size temporaries: the
 row-by-column variance estimate is an outer product (``row_var * col_var``, what torch's ``row_var @ col_var``
 computes for (m, 1) x (1, n) factors) fused into the update. It keeps torch's state layout.
 """
