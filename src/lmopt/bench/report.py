@@ -15,6 +15,7 @@ import numpy as np
 from lmopt.bench.claims import CLAIMS, Claim
 from lmopt.bench.runner import best_lr, load_records, results_dir
 from lmopt.bench.stats import bootstrap_speedup, budget_speedup, budget_speedup_text, welch
+from lmopt.bench.step_summary import fastest_rows
 from lmopt.bench.suites import Suite
 from lmopt.data.paths import atomic_write_text
 from lmopt.registry import SUITES
@@ -142,15 +143,11 @@ def _step_results(root: Path) -> dict | None:
 
 
 def _fastest_step(step_rows: dict, name: str) -> dict:
-    """The step-benchmark row of ``name``'s fastest implementation (its default, or the compiled path)."""
-    if name == BASELINE:
-        return step_rows.get("adamw (fused)", {})
-    rows = [(step_rows[n], suffix) for n, suffix in ((name, ""), (f"{name} (compiled)", " (compiled)"))
-            if n in step_rows]
-    if not rows:
+    """The step-benchmark row of ``name``'s fastest implementation, with its variant (e.g. " (compiled)")."""
+    row = fastest_rows(step_rows).get(name)
+    if row is None:
         return {}
-    row, suffix = min(rows, key=lambda rs: rs[0]["time_vs_fused_adamw"])
-    return row | {"variant": suffix}
+    return step_rows[row] | {"variant": row[len(name):] if row != "adamw (fused)" else ""}
 
 
 def write_report(suite_name: str, root: Path | None = None, command: str | None = None) -> Path:
