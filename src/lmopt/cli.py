@@ -33,14 +33,18 @@ def _add_train_parser(sub) -> None:
         "below. Writes $LMOPT_RUNS/<run-name>/ (config.json, metrics.jsonl, summary.json, checkpoints/).",
     )
     p.add_argument("--config", metavar="FILE", help="a TOML (or .json) file with any of the keys below")
-    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest intact checkpoint (an error if there is none)")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="continue the run if it has a checkpoint, else start it (replacing an lmopt run of that name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of the same name (only once the new one has been checked and built)")
     defaults = TrainConfig()
     for key in TrainConfig.field_names():
         flag = "--" + key.replace("_", "-")
         default = getattr(defaults, key)
         shown = json.dumps(default) if isinstance(default, dict) else default
-        p.add_argument(flag, dest=key, default=None, metavar=type(default).__name__.upper(),
+        p.add_argument(flag, dest=key, default=None, metavar=TrainConfig.type_name(key),
                        help=f"{TrainConfig.help(key)} (default: {shown})")
 
 
@@ -49,7 +53,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
     cfg = TrainConfig.from_file(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_log)
+    if args.resume and args.resume_or_start:
+        raise ValueError("pass --resume or --resume-or-start, not both")
+    resume = "auto" if args.resume_or_start else args.resume
+    summary = train(cfg, resume=resume, overwrite=args.overwrite, log=_log)
     _print_curve(summary)
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from lmopt.bench.suites import Suite
 from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.registry import SUITES
 from lmopt.train.metrics import read_metrics
+from lmopt.train.rundir import RunLock
 from lmopt.train.trainer import format_duration
 
 
@@ -84,6 +86,8 @@ class BenchRunner:
         self.results = results_dir(suite.name, results_root)
         self.done_count, self.run_seconds = 0, []
         self._lock = threading.Lock()
+        self._children: set[subprocess.Popen] = set()
+        self._stopping = False
 
     # --- planning -------------------------------------------------------------------------------------------
 
@@ -128,6 +132,30 @@ class BenchRunner:
         return (self.results / "runs" / f"{run.run_id}.jsonl").exists()
 
     def run(self) -> None:
+        """Every phase, holding the results folder's lock; SIGINT/SIGTERM stop the running jobs, then return."""
+        lock = RunLock(self.results, what="benchmark results folder")
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = ({sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+                    if in_main_thread else {})
+        try:
+            self._run_phases()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            lock.release()
+        if self._stopping:
+            raise KeyboardInterrupt(f"bench {self.suite.name} stopped by a signal; run it again to continue")
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        """Forward the signal to every running `lmopt train` and let the phases wind down (no new runs)."""
+        self._stopping = True
+        with self._lock:
+            children = list(self._children)
+        self.log(f"[bench {self.suite.name}] {signal.Signals(signum).name}: stopping {len(children)} running job(s)")
+        for child in children:
+            child.send_signal(signum)
+
+    def _run_phases(self) -> None:
         start = time.time()
         self._run_all("sweep", self.sweep_runs())
         for _ in range(self.suite.max_widen):
@@ -136,6 +164,8 @@ class BenchRunner:
                 break
             self._run_all("widen", widen)
         self._run_all("seeds and budgets", self.final_runs())
+        if self._stopping:
+            return
         self.log(f"[bench {self.suite.name}] complete in {format_duration(time.time() - start)}; "
                  f"records in {self.results / 'runs'}")
 
@@ -150,20 +180,32 @@ class BenchRunner:
                 future.result()
 
     def _run_one(self, run: RunSpec) -> None:
+        if self._stopping:
+            return
         name = f"bench/{self.suite.name}/{run.run_id}"
         run_dir = runs_home() / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "bench-config.json"
+        # the runner's own files sit beside the run folder, which belongs to `lmopt train` alone
+        config_path = run_dir.with_name(f"{run.run_id}.config.json")
+        log_path = run_dir.with_name(f"{run.run_id}.log")
         atomic_write_text(config_path, json.dumps(self.suite.train_config(run.optimizer, run.lr, run.seed,
                                                                           run.steps, name)))
         started = time.time()
         env = os.environ | {"OMP_NUM_THREADS": str(self.suite.threads_per_job or os.cpu_count())}
-        with open(run_dir / "train.log", "a") as log_file:
-            proc = subprocess.run([sys.executable, "-m", "lmopt.cli", "train", "--config", str(config_path),
-                                   "--resume"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode not in (0, 3):  # 3: the run diverged, which is a result, not a failure
-            raise RuntimeError(f"run {run.run_id} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
-        self._store_record(run, run_dir, diverged=proc.returncode == 3)
+        with open(log_path, "a") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "lmopt.cli", "train", "--config", str(config_path),
+                                     "--resume-or-start"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                self._children.add(proc)
+            try:
+                returncode = proc.wait()
+            finally:
+                with self._lock:
+                    self._children.discard(proc)
+        if self._stopping:
+            return
+        if returncode not in (0, 3):  # 3: the run diverged, which is a result, not a failure
+            raise RuntimeError(f"run {run.run_id} failed (exit {returncode}); see {log_path}")
+        self._store_record(run, run_dir, diverged=returncode == 3)
         with self._lock:
             self.run_seconds.append(time.time() - started)
             self._phase_done += 1

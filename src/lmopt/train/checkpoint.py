@@ -8,9 +8,13 @@ Layout of ``<run>/checkpoints/step_00000100/``:
                         (optimizer.pt then holds only the scheduler)
     rng.pt              torch CPU (and CUDA) RNG states
     trainer.json        step, tokens seen, data-loader position, config fingerprint
+    manifest.json       size and SHA-256 of every file above, written last
 
 The directory is written as ``.tmp-step_...`` and renamed into place, then ``<run>/checkpoints/latest`` (a
-file naming it) is replaced atomically, so a crash at any moment leaves the previous checkpoint whole.
+file naming it) is replaced atomically, so a crash at any moment leaves the previous checkpoint whole. On
+resume, :func:`usable_checkpoints` lists the checkpoints newest first (the one ``latest`` names, then the other
+``step_*`` folders, so a lost or dangling pointer does not restart a run from zero) and :func:`verify_checkpoint`
+checks each against its manifest; the trainer takes the newest that verifies and says why it skipped others.
 
 A ``dcp/`` checkpoint stores state by parameter name, unsharded on disk, so it loads on any number of ranks,
 a single process included (``torch.distributed.checkpoint`` reshards on load).
@@ -18,6 +22,7 @@ a single process included (``torch.distributed.checkpoint`` reshards on load).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -74,10 +79,11 @@ def save_checkpoint(
                   str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only, so a resume on fewer GPUs restores it too
+        rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state | {"step": step}, indent=2))
+    (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as handle:
@@ -98,12 +104,69 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of checkpoint ``path`` matches its manifest; otherwise what is wrong, naming the file."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{path / MANIFEST} is missing" if (path / "trainer.json").exists() else f"{path} is incomplete"
+    except (OSError, ValueError) as err:
+        return f"{path / MANIFEST} is unreadable ({err})"
+    for name, expected in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != expected["bytes"]:
+            return f"{f} has {f.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated or damaged)"
+        if _sha256(f) != expected["sha256"]:
+            return f"{f} does not match its SHA-256 in the manifest (damaged)"
+    return None
+
+
+def usable_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, newest first: the one ``latest`` names, then the other ``step_*``."""
+    root = checkpoint_root(run_dir)
+    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    try:
+        named = root / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named is not None and named in found:
+        found.remove(named)
+        found.insert(0, named)
+    return found
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = checkpoint_root(run_dir) / "latest"
-    if not pointer.exists():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    candidates = usable_checkpoints(run_dir)
+    return candidates[0] if candidates else None
+
+
+def read_trainer_state(path: Path) -> dict:
+    """``trainer.json`` of a checkpoint (small; read before any weights are loaded)."""
+    state = json.loads((Path(path) / "trainer.json").read_text())
+    missing = {"step", "tokens", "data", "fingerprint", "val_history"} - set(state)
+    if missing:
+        raise ValueError(f"{Path(path) / 'trainer.json'} lacks {', '.join(sorted(missing))}")
+    return state
 
 
 def load_checkpoint(
@@ -128,5 +191,8 @@ def load_checkpoint(
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        cuda_state = rng["cuda"]
+        if isinstance(cuda_state, (list, tuple)):  # older checkpoints: one state per visible device
+            cuda_state = cuda_state[min(torch.cuda.current_device(), len(cuda_state) - 1)]
+        torch.cuda.set_rng_state(cuda_state)
     return json.loads((path / "trainer.json").read_text())

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import tomllib
 import types
 import typing
@@ -16,14 +17,14 @@ from typing import Any
 
 from lmopt.optim import validate_options
 from lmopt.registry import OPTIMIZERS, PRESETS, TOKENIZERS
+from lmopt.train.errors import ConfigError
+from lmopt.train.rundir import RunDirError, check_run_name
+
+__all__ = ["ConfigError", "TrainConfig"]
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
-
-
-class ConfigError(ValueError):
-    """An invalid training configuration."""
 
 
 @dataclass
@@ -104,6 +105,14 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def type_name(cls, key: str) -> str:
+        """The value type of ``key`` as the CLI help shows it: FLOAT, INT, STR, BOOL or JSON (a table)."""
+        hint = typing.get_type_hints(cls)[key]
+        if isinstance(hint, types.UnionType):
+            hint = next(h for h in typing.get_args(hint) if h is not type(None))
+        return {float: "FLOAT", int: "INT", str: "STR", bool: "BOOL", dict: "JSON"}.get(hint, "VALUE")
+
+    @classmethod
     def help(cls, key: str) -> str:
         import ast
         import inspect
@@ -133,6 +142,8 @@ class TrainConfig:
             values = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
         except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} must hold a table of keys, not a {type(values).__name__}")
         values.update(overrides or {})
         return cls.from_dict(values)
 
@@ -186,10 +197,19 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed", "threads"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:  # (a NaN passes here; caught below)
                 raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
         if self.spectrum_interval < 0 or self.spectrum_micro_batches < 2:
             raise ConfigError("spectrum_interval must be >= 0 and spectrum_micro_batches >= 2")
+        for key in ("lr", "weight_decay", "grad_clip", "warmup_frac", "min_lr_ratio", "decay_frac"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+        if self.run_name:
+            try:
+                check_run_name(self.run_name)
+            except RunDirError as err:
+                raise ConfigError(str(err)) from None
         for key in ("warmup_frac", "min_lr_ratio", "decay_frac"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key} must lie in [0, 1], got {getattr(self, key)}")

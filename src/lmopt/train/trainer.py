@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,9 +25,25 @@ from lmopt.model import build_model, get_preset
 from lmopt.model.parallelize import init_distributed, parallelize, resolve_mode, world_from_env
 from lmopt.optim import build
 from lmopt.registry import OPTIMIZERS
-from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmopt.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+    usable_checkpoints,
+    verify_checkpoint,
+)
 from lmopt.train.config import ConfigError, TrainConfig
 from lmopt.train.metrics import MetricsWriter, NullMetrics, read_metrics
+from lmopt.train.rundir import (
+    RunLock,
+    check_can_start,
+    clear_run,
+    is_lmopt_run,
+    mark_run,
+    remove_leftovers,
+    run_path,
+)
 from lmopt.train.schedule import lr_factor
 
 
@@ -63,7 +78,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
                  log: Callable[[str], None] = print) -> None:
         self.rank, self.world_size, local_rank = world_from_env()
         self.cfg = cfg.validate(self.world_size)
@@ -85,12 +100,11 @@ class Trainer:
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.total_steps = cfg.num_steps()
-        self.run_dir = runs_home() / (cfg.run_name or cfg.default_run_name())
-        if self.is_main:
-            self._prepare_run_dir(resume, overwrite)
-        self._barrier()
+        self.run_dir = run_path(runs_home(), cfg.run_name or cfg.default_run_name())
+        # Decide how the run folder will be used and check it, writing nothing yet.
+        checkpoint = self._plan_run_dir(resume, overwrite)
 
-        # Build everything (and fail on bad names or options) before the first step.
+        # Build everything (and fail on bad names or options) before anything is written or deleted.
         self.data = load_prepared(cfg.data, cfg.resolved_tokenizer())
         preset = get_preset(cfg.preset)
         if self.data.vocab_size > preset.config.vocab_size:
@@ -116,29 +130,100 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.val_history: list[tuple[int, int, float]] = []
         self.resumed_from: Path | None = None
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
-            if state["fingerprint"] != cfg.fingerprint():
-                raise ConfigError(f"{checkpoint} was made with a different config ({state['fingerprint']} vs "
-                                  f"{cfg.fingerprint()}); resume with the same settings or use a new run name")
-            self.loader.load_state_dict(state["data"])
-            self.step, self.tokens = state["step"], state["tokens"]
-            self.val_history = [tuple(v) for v in state["val_history"]]
-            self.resumed_from = checkpoint
-        resume_step = self.step if self.resumed_from else None
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step) if self.is_main else NullMetrics()
-        self._write_run_config()
+
+        # Only now claim the folder: lock it, and clear it when starting afresh.
+        self._lock: RunLock | None = None
+        if self.is_main:
+            self._claim_run_dir(fresh=checkpoint is None)
+        self._barrier()
+        try:
+            if checkpoint is not None:
+                state = self._load(checkpoint)
+                self.loader.load_state_dict(state["data"])
+                self.step, self.tokens = state["step"], state["tokens"]
+                self.val_history = [tuple(v) for v in state["val_history"]]
+                self.resumed_from = checkpoint
+            resume_step = self.step if self.resumed_from else None
+            self.metrics = (MetricsWriter(self.run_dir / "metrics.jsonl", resume_step, log=self.log) if self.is_main
+                            else NullMetrics())
+            self._write_run_config()
+        except BaseException:
+            self._release_run_dir(failed=checkpoint is None)
+            raise
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        if self.run_dir.exists() and not resume:
-            if not overwrite and (self.run_dir / "metrics.jsonl").exists():
-                raise ConfigError(f"run directory {self.run_dir} already exists; pass --resume to continue it, "
-                                  "--overwrite to start again, or choose another --run-name")
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _plan_run_dir(self, resume: bool | str, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from (None: start afresh), after checking the folder allows it.
+
+        ``resume``: False (start; the folder must be absent or empty, or an lmopt run with ``overwrite``),
+        True (continue; a usable checkpoint must exist) or ``"auto"`` (continue if there is a usable checkpoint,
+        else start afresh, replacing an lmopt run of that name: what ``lmopt bench run`` does).
+        """
+        mode = {False: "no", True: "yes"}.get(resume, resume)
+        if mode not in ("no", "yes", "auto"):
+            raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
+        if mode != "no" and self.run_dir.is_dir() and is_lmopt_run(self.run_dir):
+            checkpoint = self._choose_checkpoint()
+            if checkpoint is not None:
+                return checkpoint
+            if mode == "yes":
+                raise ConfigError(f"--resume: {self.run_dir} has no usable checkpoint; start it again with "
+                                  "--overwrite (or without --resume under another --run-name)")
+        elif mode == "yes" and self.run_dir.exists():
+            raise ConfigError(f"--resume: {self.run_dir} is not an lmopt run folder")
+        elif mode == "yes":
+            raise ConfigError(f"--resume: there is no run {self.run_dir.name!r} in {self.run_dir.parent}; "
+                              "drop --resume to start it")
+        check_can_start(self.run_dir, overwrite or mode == "auto")
+        return None
+
+    def _choose_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies and was made with this config; says why others were skipped."""
+        for candidate in usable_checkpoints(self.run_dir):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                try:
+                    state = read_trainer_state(candidate)
+                except (OSError, ValueError) as err:
+                    problem = f"{candidate / 'trainer.json'} is unreadable ({err})"
+            if problem is not None:
+                self.log(f"warning: skipping checkpoint {candidate.name}: {problem}")
+                continue
+            if state["fingerprint"] != self.cfg.fingerprint():
+                raise ConfigError(f"{candidate} was made with a different config ({state['fingerprint']} vs "
+                                  f"{self.cfg.fingerprint()}); resume with the same settings or use a new run name")
+            return candidate
+        return None
+
+    def _claim_run_dir(self, fresh: bool) -> None:
+        self._lock = RunLock(self.run_dir)
+        try:
+            if fresh:
+                clear_run(self.run_dir)
+                mark_run(self.run_dir)
+            else:
+                for leftover in remove_leftovers(self.run_dir):
+                    self.log(f"removed {leftover}, left by an interrupted run")
+        except BaseException:
+            self._release_run_dir(failed=fresh)
+            raise
+
+    def _release_run_dir(self, failed: bool = False) -> None:
+        """Give up the run's lock; after a failed fresh start, leave no empty folder behind."""
+        if self._lock is None:
+            return
+        if failed and self._lock.created:
+            clear_run(self.run_dir)
+        self._lock.release(remove_folder_if_empty=failed)
+        self._lock = None
+
+    def _load(self, checkpoint: Path) -> dict:
+        try:
+            return load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line}") from err
 
     def _write_run_config(self) -> None:
         train_tokens = len(self.data.train)
@@ -235,6 +320,10 @@ class Trainer:
                    f"(loss {loss}, grad norm {grad_norm}); stopped before updating the weights; {where}. "
                    "Lower the learning rate or raise warm-up, then resume or restart.")
         self.metrics.write("diverged", step=self.step + 1, tokens=self.tokens, train_loss=loss, grad_norm=grad_norm)
+        self._stop(message)
+
+    def _stop(self, message: str) -> None:
+        """End a diverged run (every rank reaches this at the same step: the checks are collective)."""
         self.metrics.close()
         self.close()
         raise TrainingDiverged(message)
@@ -262,9 +351,33 @@ class Trainer:
         self.metrics.write("spectrum", step=self.step, tokens=self.tokens,
                            mean_spike_fraction=sum(spikes) / len(spikes))
 
+    def _state_is_finite(self) -> bool:
+        """Whether every weight and every floating-point optimizer state tensor is finite, on every rank."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        bad = torch.zeros((), device=self.device)
+        for t in tensors:
+            local = t.to_local() if hasattr(t, "to_local") else t
+            bad += (~torch.isfinite(local)).any().to(bad.device)
+        return self._all_reduce(bad).item() == 0
+
     def _save(self) -> None:
+        """Checkpoint, only from finite weights and optimizer state (else stop as diverged, saving nothing)."""
+        if not self._state_is_finite():
+            last = latest_checkpoint(self.run_dir)
+            where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+            self.metrics.write("diverged", step=self.step, tokens=self.tokens, reason="non-finite weights")
+            self._stop(f"non-finite weights or optimizer state after the update of step {self.step}; not saved; "
+                       f"{where}. Lower the learning rate or weight decay, then resume or restart.")
         state = {"tokens": self.tokens, "data": self.loader.state_dict(), "fingerprint": self.cfg.fingerprint(),
                  "val_history": self.val_history}
+        if self.mode == "ddp":  # replicated state: rank 0 writes, the others wait
+            if self.is_main:
+                save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                                keep=self.cfg.keep_checkpoints)
+            self._barrier()
+            return
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
                         keep=self.cfg.keep_checkpoints, distributed=self.mode == "fsdp")
 
@@ -314,14 +427,21 @@ class Trainer:
             self.metrics.write("end", **summary)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.metrics.close()
+        self._release_run_dir()
         return summary
 
-    def close(self) -> None:
-        """Leave the process group (the trainer that joined it)."""
+    def close(self, failed: bool = False) -> None:
+        """Release the run and leave the process group (the trainer that joined it).
+
+        After a failure on this rank (``failed``) there is no barrier: the other ranks may be inside a collective
+        that this one will never join, and waiting for them would hang the job. The process then exits with an
+        error and torchrun stops the other ranks.
+        """
+        self._release_run_dir()
         if self.mode != "none":
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            if dist.is_initialized() and not failed:
                 dist.barrier()  # every rank reaches the end (or the same diverged step) before teardown
                 dist.destroy_process_group()
 
@@ -345,10 +465,15 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> dict:
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, log=log)
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        summary = trainer.run()
+    except TrainingDiverged:
+        raise  # already closed collectively
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
+    return summary
