@@ -1,6 +1,6 @@
-"""Benchmarks: suites (registered), the resumable runner, the report with the papers' claims."""
+"""Benchmarks: suites and their tuning protocol, the runner, the report and the step benchmark."""
 
-from lmopt.bench import suites  # noqa: F401  (registers the suites)
-from lmopt.bench.suites import Suite, log_grid
+from lmopt.bench.suites import Suite
+from lmopt.bench.tuning import Knob
 
-__all__ = ["Suite", "log_grid"]
+__all__ = ["Knob", "Suite"]

@@ -1,15 +1,25 @@
-"""``lmopt bench run``: every run of a suite as an ordinary ``lmopt train`` process, resumable.
+"""``lmopt bench run``: a suite's protocol as ordinary ``lmopt train`` processes, resumable at any point.
 
-Each run has a deterministic id (``<optimizer>-lr<lr>-s<seed>-t<steps>``), trains in
+For each optimizer, one pipeline (optimizers run side by side with ``--jobs``):
+
+1. tuning on the suite's tuning seed: the next probe of the coordinate search (:mod:`lmopt.bench.tuning`),
+   computed from the records so far, until ``tuning_budget`` runs are done;
+2. the chosen configuration on every held-out seed, at every budget of :meth:`Suite.budgets`.
+
+Each run has a deterministic id (``<optimizer>-lr<lr>-s<seed>-t<steps>-<hash of its knob values>``), trains in
 ``$LMOPT_RUNS/bench/<suite>/<id>/`` and, once complete, leaves a compact record in
-``results/<suite>/runs/<id>.jsonl`` (its resolved config, every ``eval`` record, its ``end`` summary). The
-records are what the report reads and what is committed; a run whose record exists is skipped, and an
-interrupted run resumes from its last checkpoint. For a given seed, every optimizer starts from the same
+``results/<suite>/runs/<id>.jsonl`` (its resolved config and knob values, every ``eval`` record, its ``end``
+summary). The records are what the report reads and what is committed; a run whose record exists is skipped,
+and an interrupted run resumes from its last checkpoint. For a given seed, every optimizer starts from the same
 initial weights and sees the same batches (both come from the seed).
+
+Only one ``lmopt bench run`` may work on a results folder at a time (a lock); SIGINT/SIGTERM are forwarded to
+the running ``lmopt train`` processes, which are waited for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,13 +27,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from lmopt.bench.results import (
+    beats_baseline,
+    final_loss,
+    knobs_for,
+    load_records,
+    results_dir,
+    tuning_history,
+)
 from lmopt.bench.suites import Suite
+from lmopt.bench.tuning import Knob, incumbent, next_probe, values_at
 from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.registry import SUITES
 from lmopt.train.metrics import read_metrics
@@ -34,120 +53,102 @@ from lmopt.train.trainer import format_duration
 @dataclass(frozen=True)
 class RunSpec:
     optimizer: str
-    lr: float
+    values: tuple[tuple[str, float | str], ...]  # knob values, sorted by key
     seed: int
     steps: int
+    probe: int | None = None  # position in the tuning search (tuning runs only)
 
     @property
     def run_id(self) -> str:
-        return f"{self.optimizer}-lr{self.lr:.3g}-s{self.seed}-t{self.steps}"
+        digest = hashlib.sha256(json.dumps(self.values).encode()).hexdigest()[:8]
+        lr = dict(self.values).get("lr", 0.0)
+        return f"{self.optimizer}-lr{lr:.3g}-s{self.seed}-t{self.steps}-{digest}"
 
 
-def results_dir(suite: str, root: Path | None = None) -> Path:
-    return (root or Path("results")) / suite
+def spec(optimizer: str, values: dict, seed: int, steps: int, probe: int | None = None) -> RunSpec:
+    return RunSpec(optimizer, tuple(sorted(values.items())), seed, steps, probe)
 
 
-def load_records(suite: str, root: Path | None = None) -> dict[str, dict]:
-    """{run id: {"config", "evals", "end"}} for every completed run of ``suite``."""
-    records = {}
-    for path in sorted((results_dir(suite, root) / "runs").glob("*.jsonl")):
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        record = {"config": lines[0]["config"], "resolved": lines[0]["resolved"],
-                  "environment": lines[0]["environment"], "evals": [r for r in lines if r["event"] == "eval"],
-                  "end": next(r for r in lines if r["event"] == "end")}
-        records[path.stem] = record
-    return records
-
-
-def best_lr(records: dict[str, dict], optimizer: str, seed: int, steps: int) -> tuple[float, list[float]] | None:
-    """(lr with the lowest final validation loss, all lrs tried) for one optimizer, seed and budget."""
-    finals = {}
-    for record in records.values():
-        c = record["config"]
-        if (c["optimizer"], c["seed"], c["steps"]) == (optimizer, seed, steps):
-            finals[c["lr"]] = record["end"]["final_val_loss"]
-    if not finals:
-        return None
-    lrs = sorted(finals)
-    return min(lrs, key=lambda lr: _finite_or_inf(finals[lr])), lrs
-
-
-def _finite_or_inf(x: float) -> float:
-    return x if isinstance(x, float) and x == x else float("inf")
+def rung_optimizers(suite: Suite, root: Path | None = None) -> list[str]:
+    """A ladder rung's optimizers: the suite's own, plus those that beat AdamW significantly on the first rung."""
+    names = list(suite.optimizers)
+    if suite.transfer_from is not None:
+        names += [name for name in beats_baseline(suite.transfer_from, root) if name not in names]
+    return names
 
 
 class BenchRunner:
     def __init__(self, suite: Suite, jobs: int = 1, only: list[str] | None = None, results_root: Path | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.suite, self.jobs, self.log = suite, jobs, log
-        self.optimizers = [o for o in suite.optimizers if not only or any(fnmatch(o, pat) for pat in only)]
+        self.root = results_root
+        candidates = rung_optimizers(suite, results_root)
+        self.optimizers = [o for o in candidates if not only or any(fnmatch(o, pat) for pat in only)]
         if only and not self.optimizers:
-            raise ValueError(f"--only {only} matches none of the suite's optimizers: {', '.join(suite.optimizers)}")
+            raise ValueError(f"--only {only} matches none of the suite's optimizers: {', '.join(candidates)}")
         self.results = results_dir(suite.name, results_root)
-        self.done_count, self.run_seconds = 0, []
+        self.run_seconds: list[float] = []
+        self.runs_done = 0
         self._lock = threading.Lock()
         self._children: set[subprocess.Popen] = set()
         self._stopping = False
 
-    # --- planning -------------------------------------------------------------------------------------------
-
     def records(self) -> dict[str, dict]:
-        return load_records(self.suite.name, self.results.parent)
-
-    def sweep_runs(self) -> list[RunSpec]:
-        s = self.suite
-        return [RunSpec(o, lr, s.sweep_seed, s.steps) for o in self.optimizers for lr in s.lr_grids[o]]
-
-    def widening_runs(self) -> list[RunSpec]:
-        """One more lr beyond each edge where the best lr of the sweep sits (up to max_widen per side)."""
-        s, records, out = self.suite, self.records(), []
-        for o in self.optimizers:
-            found = best_lr(records, o, s.sweep_seed, s.steps)
-            if found is None:
-                continue
-            best, lrs = found
-            grid = s.lr_grids[o]
-            if best == lrs[0] and sum(lr < min(grid) for lr in lrs) < s.max_widen:
-                out.append(RunSpec(o, float(f"{lrs[0] / s.widen_factor:.3g}"), s.sweep_seed, s.steps))
-            if best == lrs[-1] and sum(lr > max(grid) for lr in lrs) < s.max_widen:
-                out.append(RunSpec(o, float(f"{lrs[-1] * s.widen_factor:.3g}"), s.sweep_seed, s.steps))
-        return out
-
-    def final_runs(self) -> list[RunSpec]:
-        """Every seed at the best lr at the main budget; the budget seeds at each extra budget."""
-        s, records, out = self.suite, self.records(), []
-        budget_seeds = s.seeds if s.budget_seeds is None else s.budget_seeds
-        for o in self.optimizers:
-            found = best_lr(records, o, s.sweep_seed, s.steps)
-            if found is None:
-                continue
-            out.extend(RunSpec(o, found[0], seed, s.steps) for seed in s.seeds)
-            for steps in s.extra_steps:
-                out.extend(RunSpec(o, found[0], seed, steps) for seed in budget_seeds)
-        return out
-
-    # --- running --------------------------------------------------------------------------------------------
+        return load_records(self.suite.name, self.root)
 
     def is_done(self, run: RunSpec) -> bool:
         return (self.results / "runs" / f"{run.run_id}.jsonl").exists()
 
+    # --- the pipeline of one optimizer -----------------------------------------------------------------------
+
+    def next_tuning_run(self, optimizer: str, knobs: tuple[Knob, ...]) -> RunSpec | None:
+        history, order = tuning_history(self.suite, optimizer, knobs, self.records())
+        probe = next_probe(knobs, history, order, self.suite.tuning_budget, self.suite.tol)
+        if probe is None:
+            return None
+        return spec(optimizer, values_at(knobs, probe), self.suite.tuning_seed, self.suite.steps, len(order))
+
+    def held_out_runs(self, optimizer: str, knobs: tuple[Knob, ...]) -> list[RunSpec]:
+        history, order = tuning_history(self.suite, optimizer, knobs, self.records())
+        values = values_at(knobs, incumbent(history, order, self.suite.tol))
+        return [spec(optimizer, values, seed, steps) for seed in self.suite.seeds for steps in self.suite.budgets()]
+
+    def pipeline(self, optimizer: str) -> None:
+        knobs = knobs_for(self.suite, optimizer, self.root)
+        while not self._stopping and (run := self.next_tuning_run(optimizer, knobs)) is not None:
+            self._run_one(run, phase=f"tune {run.probe + 1}/{self.suite.tuning_budget}")
+        for run in self.held_out_runs(optimizer, knobs):
+            if self._stopping:
+                return
+            if not self.is_done(run):
+                self._run_one(run, phase="held-out")
+
+    # --- running ------------------------------------------------------------------------------------------------
+
     def run(self) -> None:
-        """Every phase, holding the results folder's lock; SIGINT/SIGTERM stop the running jobs, then return."""
+        """Every optimizer's pipeline, holding the results folder's lock; SIGINT/SIGTERM stop the running jobs."""
         lock = RunLock(self.results, what="benchmark results folder")
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = ({sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
                     if in_main_thread else {})
+        start = time.time()
         try:
-            self._run_phases()
+            self.log(f"[bench {self.suite.name}] {len(self.optimizers)} optimizers, {self.jobs} job(s): "
+                     f"{', '.join(self.optimizers)}")
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                for future in [pool.submit(self.pipeline, name) for name in self.optimizers]:
+                    future.result()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             lock.release()
         if self._stopping:
             raise KeyboardInterrupt(f"bench {self.suite.name} stopped by a signal; run it again to continue")
+        self.log(f"[bench {self.suite.name}] complete in {format_duration(time.time() - start)}; "
+                 f"records in {self.results / 'runs'}")
 
     def _on_signal(self, signum: int, _frame) -> None:
-        """Forward the signal to every running `lmopt train` and let the phases wind down (no new runs)."""
+        """Forward the signal to every running `lmopt train` and let the pipelines wind down (no new runs)."""
         self._stopping = True
         with self._lock:
             children = list(self._children)
@@ -155,40 +156,18 @@ class BenchRunner:
         for child in children:
             child.send_signal(signum)
 
-    def _run_phases(self) -> None:
-        start = time.time()
-        self._run_all("sweep", self.sweep_runs())
-        for _ in range(self.suite.max_widen):
-            widen = [r for r in self.widening_runs() if not self.is_done(r)]
-            if not widen:
-                break
-            self._run_all("widen", widen)
-        self._run_all("seeds and budgets", self.final_runs())
-        if self._stopping:
-            return
-        self.log(f"[bench {self.suite.name}] complete in {format_duration(time.time() - start)}; "
-                 f"records in {self.results / 'runs'}")
-
-    def _run_all(self, phase: str, runs: Iterable[RunSpec]) -> None:
-        todo = [r for r in dict.fromkeys(runs) if not self.is_done(r)]
-        if not todo:
-            return
-        self.log(f"[bench {self.suite.name}] phase {phase}: {len(todo)} runs to do")
-        self._phase_total, self._phase_done = len(todo), 0
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            for future in [pool.submit(self._run_one, run) for run in todo]:
-                future.result()
-
-    def _run_one(self, run: RunSpec) -> None:
-        if self._stopping:
+    def _run_one(self, run: RunSpec, phase: str) -> None:
+        if self._stopping or self.is_done(run):
             return
         name = f"bench/{self.suite.name}/{run.run_id}"
         run_dir = runs_home() / name
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         # the runner's own files sit beside the run folder, which belongs to `lmopt train` alone
         config_path = run_dir.with_name(f"{run.run_id}.config.json")
         log_path = run_dir.with_name(f"{run.run_id}.log")
-        atomic_write_text(config_path, json.dumps(self.suite.train_config(run.optimizer, run.lr, run.seed,
-                                                                          run.steps, name)))
+        curve = run.probe is None and run.steps == self.suite.steps
+        config = self.suite.train_config(run.optimizer, dict(run.values), run.seed, run.steps, name, curve)
+        atomic_write_text(config_path, json.dumps(config))
         started = time.time()
         env = os.environ | {"OMP_NUM_THREADS": str(self.suite.threads_per_job or os.cpu_count())}
         with open(log_path, "a") as log_file:
@@ -208,16 +187,11 @@ class BenchRunner:
         self._store_record(run, run_dir, diverged=returncode == 3)
         with self._lock:
             self.run_seconds.append(time.time() - started)
-            self._phase_done += 1
-            left = self._phase_total - self._phase_done
-            eta = left * (sum(self.run_seconds) / len(self.run_seconds)) / self.jobs
-            self.log(f"[bench {self.suite.name}] {self._phase_done}/{self._phase_total} runs done in this phase "
-                     f"| {run.run_id} {self._final(run)} | ETA {format_duration(eta)}")
-
-    def _final(self, run: RunSpec) -> str:
-        lines = (self.results / "runs" / f"{run.run_id}.jsonl").read_text().splitlines()
-        end = json.loads(lines[-1])
-        return f"final val loss {end['final_val_loss']:.4f}"
+            self.runs_done += 1
+            mean = sum(self.run_seconds) / len(self.run_seconds)
+            self.log(f"[bench {self.suite.name}] {run.optimizer} {phase}: {run.run_id} "
+                     f"final val loss {final_loss(self.records()[run.run_id]):.4f} | {self.runs_done} runs this "
+                     f"session, {format_duration(mean)} per run")
 
     def _store_record(self, run: RunSpec, run_dir: Path, diverged: bool) -> None:
         config = json.loads((run_dir / "config.json").read_text())
@@ -231,10 +205,10 @@ class BenchRunner:
             end = next(r for r in metrics if r["event"] == "end") | {"diverged": False}
         train = [r for r in metrics if r["event"] == "train"]
         end["median_step_time"] = sorted(r["step_time"] for r in train)[len(train) // 2] if train else None
-        lines = [{"event": "config", "config": config["config"], "resolved": config["resolved"],
-                  "environment": config["environment"]}, *evals, end]
+        head = {"event": "config", "config": config["config"], "resolved": config["resolved"],
+                "environment": config["environment"], "knobs": dict(run.values), "probe": run.probe}
         atomic_write_text(self.results / "runs" / f"{run.run_id}.jsonl",
-                          "".join(json.dumps(line) + "\n" for line in lines))
+                          "".join(json.dumps(line) + "\n" for line in [head, *evals, end]))
 
 
 def run_suite(name: str, jobs: int = 1, only: list[str] | None = None, log: Callable[[str], None] = print) -> None:
