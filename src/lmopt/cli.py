@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -176,20 +177,28 @@ def _add_bench_parser(sub) -> None:
     from lmopt.registry import SUITES
 
     p = sub.add_parser("bench", help="run benchmark suites and write their leaderboards",
-                       description="Benchmarks: tuned (lr-swept), multi-seed comparisons against AdamW.")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="{run,report,list,step}")
+                       description="Benchmarks: every optimizer tuned with the same budget, compared on held-out "
+                       "seeds against AdamW and Muon (paired, Holm-corrected, with power).")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="{run,report,ladder,list,step}")
     run = bench_sub.add_parser(
         "run", help="run (or continue) every run of a suite",
-        description="Run a suite: lr sweep (seed 0), widening at grid edges, the other seeds and budgets at the "
-        "best lr. Each run is an `lmopt train` process; finished runs are skipped, interrupted ones resume. "
-        "Records go to results/SUITE/runs/.",
+        description="Run a suite: every optimizer tuned by the same coordinate search (the suite's tuning budget, "
+        "on the tuning seed), then its chosen configuration on the held-out seeds at every budget. Each run is an "
+        "`lmopt train` process; finished runs are skipped, interrupted ones resume. Records go to "
+        "results/SUITE/runs/.",
     )
     run.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
     run.add_argument("--jobs", type=int, default=1, help="runs at once (each uses the suite's threads per job)")
     run.add_argument("--only", nargs="+", metavar="PATTERN", help="only these optimizers (glob patterns)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the runs, tokens, FLOPs, device hours and memory per device; run nothing")
     rep = bench_sub.add_parser("report", help="write results/SUITE/leaderboard.md and plots from stored runs",
                                description="Write the leaderboard, plots and claims table from results/SUITE/runs.")
     rep.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
+    ladder = bench_sub.add_parser(
+        "ladder", help="write results/LADDER/ladder.md: speedups vs model size",
+        description="Combine a ladder's rungs (suites) into a speedup-vs-size table and plot.")
+    ladder.add_argument("ladder", help="a ladder name, e.g. cpu-ladder or gpu-ladder")
     bench_sub.add_parser("list", help="list the suites", description="List the registered benchmark suites.")
     step = bench_sub.add_parser(
         "step", help="optimizer step time and state memory vs fused AdamW",
@@ -216,12 +225,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_command == "list":
         table = Table(title="benchmark suites")
-        for column in ("name", "preset", "data", "tokens/run", "optimizers", "seeds", "description"):
+        for column in ("name", "preset", "data", "tokens/run", "optimizers", "tuning runs", "held-out seeds",
+                       "description"):
             table.add_column(column)
         for entry in SUITES.entries():
             s = entry.value
-            table.add_row(s.name, s.preset, s.data, f"{s.tokens():,}", str(len(s.optimizers)), str(len(s.seeds)),
-                          s.description)
+            extra = " + winners" if s.transfer_from else ""
+            table.add_row(s.name, s.preset, s.data, f"{s.tokens():,}", f"{len(s.optimizers)}{extra}",
+                          str(s.tuning_budget), str(len(s.seeds)), s.description)
         console.print(table)
         return 0
     if args.bench_command == "step":
@@ -245,12 +256,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         path = bench_step.write_step_results(result, Path(args.out), command, git_commit())
         _log(path.read_text())
         return 0
+    if args.bench_command == "ladder":
+        from lmopt.bench.report import write_ladder_report
+
+        _log(f"wrote {write_ladder_report(args.ladder)}")
+        return 0
     SUITES.get(args.suite)
     if args.bench_command == "run":
         from lmopt.bench.runner import run_suite
 
         if args.jobs < 1:
             raise ValueError("--jobs must be at least 1")
+        if args.dry_run:
+            from fnmatch import fnmatch
+
+            from lmopt.bench.plan import plan_text, suite_plan
+            from lmopt.bench.runner import rung_optimizers
+
+            suite = SUITES.get(args.suite)
+            try:
+                names = rung_optimizers(suite)
+            except (FileNotFoundError, RuntimeError):  # a rung whose first rung has not run: its base list
+                names = list(suite.optimizers)
+            names = [n for n in names if not args.only or any(fnmatch(n, p) for p in args.only)]
+            _log(plan_text(suite_plan(suite, names)))
+            return 0
         run_suite(args.suite, jobs=args.jobs, only=args.only, log=_log)
         return 0
     from lmopt.bench.report import write_report
@@ -327,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmopt",
         description="lmopt: which optimizer trains my transformer language model fastest, and by how much?",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
     _add_data_parser(sub)
@@ -353,13 +384,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, OptionError, UnknownNameError, ShardError, DataMissingError, FileNotFoundError,
-            ValueError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")
-        return 2
     except TrainingDiverged as err:
         console.print(f"[bold red]training stopped:[/] {escape(str(err))}")
         return 3
+    except KeyboardInterrupt as err:
+        console.print(f"[bold red]interrupted:[/] {escape(str(err) or 'stopped by the user')}")
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        known = (ConfigError, OptionError, UnknownNameError, ShardError, DataMissingError, OSError, ValueError)
+        what = "" if isinstance(err, known) else f"unexpected {type(err).__name__}: "
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            message += " (the disk is full: free space, then resume)"
+        console.print(f"[bold red]error:[/] {escape(what + message)} (--debug shows the traceback)")
+        return 2 if isinstance(err, known) else 1
 
 
 if __name__ == "__main__":

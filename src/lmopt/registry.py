@@ -11,8 +11,9 @@ This module imports nothing else from lmopt at import time, so any layer may use
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -33,12 +34,19 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """An ordered name -> value map with helpful errors."""
+    """An ordered name -> value map with helpful errors.
+
+    A registry with a ``resolver`` also accepts references to a user's own code, ``package.module:Name``: the
+    first lookup imports it and turns it into an entry (the optimizer layer sets the resolver of OPTIMIZERS).
+    Packages can also register entries under a short name through the entry-point group ``lmopt.<plural>``
+    (e.g. ``[project.entry-points."lmopt.optimizers"] myopt = "mypkg.optim:MyOpt"``).
+    """
 
     def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
         self.plural = plural or kind + "s"
         self._entries: dict[str, Entry[T]] = {}
+        self.resolver: Callable[[str, str], T] | None = None  # (reference, name) -> value
 
     def register(self, name: str, value: T, summary: str = "") -> T:
         if name in self._entries:
@@ -51,12 +59,24 @@ class Registry(Generic[T]):
 
     def entry(self, name: str) -> Entry[T]:
         _populate()
+        if name not in self._entries and ":" in name and self.resolver is not None:
+            value = self.resolver(name, name)
+            self._entries.setdefault(name, Entry(name, value, f"user {self.kind} {name}"))
         try:
             return self._entries[name]
         except KeyError:
+            hint = " (or a reference to your own, package.module:Name)" if self.resolver is not None else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}{hint}"
             ) from None
+
+    def _load_entry_points(self) -> None:
+        if self.resolver is None:
+            return
+        for point in entry_points(group=f"lmopt.{self.plural}"):
+            if point.name not in self._entries:
+                self._entries[point.name] = Entry(point.name, self.resolver(point.value, point.name),
+                                                  f"{self.kind} from package entry point {point.value}")
 
     def names(self) -> list[str]:
         _populate()
@@ -80,11 +100,9 @@ def _populate() -> None:
         return
     _populated = True
     for module in _REGISTERING_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a layer not written yet (bench) registers nothing
-            if err.name != module:
-                raise
+        importlib.import_module(module)
+    for registry in (PRESETS, CORPORA, TOKENIZERS, OPTIMIZERS, SUITES):
+        registry._load_entry_points()
 
 
 PRESETS: Registry[Any] = Registry("preset")

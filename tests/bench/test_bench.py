@@ -4,16 +4,81 @@ import math
 import numpy as np
 import pytest
 
-from lmopt.bench.report import write_report
-from lmopt.bench.runner import BenchRunner, load_records
-from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach, welch
-from lmopt.bench.suites import Suite, log_grid
-from lmopt.registry import SUITES
+from lmopt.bench.report import write_ladder_report, write_report
+from lmopt.bench.results import chosen_values, collect, compare, load_records
+from lmopt.bench.runner import BenchRunner
+from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach
+from lmopt.bench.suites import OWN_KNOBS, Suite, ladder_rungs, tuning_space
+from lmopt.bench.tuning import Knob, apply_values, incumbent, log_values, next_probe, sensitivity, values_at
+from lmopt.model import get_preset
+from lmopt.registry import OPTIMIZERS, SUITES, Entry
 
 
-def test_log_grid_is_centred_and_log_spaced():
-    assert log_grid(1e-3, 5, 2.0) == (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
-    assert len(log_grid(3e-3, 3, 3.0)) == 3
+def test_log_values_are_log_spaced_around_the_centre():
+    assert log_values(1e-3, 2, 2) == (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
+
+
+def search(knobs, objective, budget, tol=0.0):
+    history, order = {}, []
+    while (point := next_probe(knobs, history, order, budget, tol)) is not None:
+        history[point] = objective(values_at(knobs, point))
+        order.append(point)
+    return history, order
+
+
+def test_coordinate_search_walks_to_the_optimum_with_exactly_the_budget():
+    knobs = (Knob("lr", log_values(1e-3, 4, 4), 1e-3), Knob("weight_decay", (0.0, 0.1, 0.2), 0.1))
+
+    def objective(v):  # optimum at lr 8e-3 (3 steps up), wd 0
+        return (math.log2(v["lr"] / 8e-3)) ** 2 + 10 * v["weight_decay"]
+
+    history, order = search(knobs, objective, budget=10)
+    assert len(order) == 10 and len(set(order)) == 10
+    assert values_at(knobs, incumbent(history, order, 0.0)) == {"lr": 8e-3, "weight_decay": 0.0}
+    # the same results replay to the same incumbent, and a tolerance keeps the search from moving on noise
+    assert incumbent(history, order, tol=100.0) == order[0]
+
+
+def test_coordinate_search_stops_when_nothing_is_left_to_try():
+    knobs = (Knob("lr", (1e-3, 2e-3), 1e-3),)
+    _history, order = search(knobs, lambda v: v["lr"], budget=12)
+    assert len(order) == 2
+
+
+def test_a_diverged_probe_never_becomes_the_incumbent():
+    knobs = (Knob("lr", (1e-3, 2e-3, 4e-3), 2e-3),)
+    history, order = search(knobs, lambda v: float("nan") if v["lr"] == 4e-3 else v["lr"], budget=3)
+    assert values_at(knobs, incumbent(history, order, 0.0)) == {"lr": 1e-3}
+    assert sensitivity(knobs, history, incumbent(history, order, 0.0))["lr"][4e-3] != 4e-3
+
+
+def test_knob_values_reach_the_train_config():
+    config = apply_values({"optim": {}}, {"lr": 0.01, "optim.betas.1": 0.99, "optim.momentum": 0.9},
+                          {"betas": (0.9, 0.95)})
+    assert config["lr"] == 0.01 and config["optim"] == {"betas": [0.9, 0.99], "momentum": 0.9}
+
+
+def test_every_optimizer_has_a_tuning_space_starting_at_its_defaults():
+    for name in OPTIMIZERS.names():
+        knobs = tuning_space(name)
+        keys = [k.key for k in knobs]
+        assert keys[0] == "lr" and {"weight_decay", "warmup_frac"} <= set(keys)
+        assert len(keys) == 3 + len(OWN_KNOBS[name]), name  # every optimizer has its own knob(s)
+        assert knobs[0].start == pytest.approx(OPTIMIZERS.get(name).default_lr, rel=1e-3)
+
+
+def test_registered_suites_and_ladders_follow_the_protocol():
+    full = SUITES.get("cpu-full")
+    assert set(full.optimizers) == set(OPTIMIZERS.names()) and full.optimizers[:2] == ("adamw", "muon")
+    assert len(full.seeds) >= 5 and full.tuning_seed not in full.seeds and len(full.budgets()) >= 3
+    for ladder in ("cpu-ladder", "gpu-ladder"):
+        rungs = ladder_rungs(ladder)
+        assert len(rungs) >= 3
+        counts = [get_preset(s.preset).param_counts() for s in rungs]
+        assert counts[-1][1] / counts[0][1] >= 8  # >= 8x in non-embedding parameters
+        assert all(s.transfer_from in (None, *(r.name for r in rungs)) for s in rungs)
+    small_total, small_non_embedding = get_preset(ladder_rungs("cpu-ladder")[-1].preset).param_counts()
+    assert small_non_embedding / small_total >= 2 / 3
 
 
 def test_tokens_to_target_interpolates_linearly():
@@ -21,69 +86,69 @@ def test_tokens_to_target_interpolates_linearly():
     assert tokens_to_reach(tokens, np.array([10.0, 6.0, 4.0]), 5.0) == pytest.approx(150.0)
     assert math.isnan(tokens_to_reach(tokens, np.array([10.0, 6.0, 5.5]), 5.0))
     base = np.array([10.0, 6.0, 5.0])
-    # reaches 5.0 at 150 of 200 tokens: 200 / 150
     assert curve_speedup(tokens, base, tokens, np.array([10.0, 6.0, 4.0])) == pytest.approx(200 / 150)
-    # never reaches 5.0; ends at 6.0, which the baseline reached at 100 of 200 tokens: 100 / 200
     assert curve_speedup(tokens, base, tokens, np.array([10.0, 8.0, 6.0])) == pytest.approx(0.5)
-    # complete runs at budgets 100 and 200 with final losses 5.5 and 4.5: 5.0 is reached at sqrt(100*200)
     assert budget_speedup(5.0, 200, [100, 200], [5.5, 4.5]) == pytest.approx(200 / math.sqrt(100 * 200))
-    assert budget_speedup_text(5.0, 200, [100, 200], [4.9, 4.5]) == "> 2.00x"  # beaten at half the budget
-    assert budget_speedup_text(5.0, 200, [100, 200], [5.9, 5.5]) == "< 1.00x"  # not reached in the full budget
-    assert budget_speedup_text(5.0, 200, [200], [5.5]) == "—"
+    assert budget_speedup_text(5.0, 200, [100, 200], [4.9, 4.5]) == "> 2.00x"
+    assert budget_speedup_text(5.0, 200, [100, 200], [5.9, 5.5]) == "< 1.00x"
 
 
-def test_welch_says_no_difference_for_identical_samples_and_finds_a_clear_one():
-    _, p = welch([1.0, 1.1, 0.9], [1.0, 1.1, 0.9])
-    assert p == pytest.approx(1.0)
-    _, p = welch([1.0, 1.01, 0.99], [2.0, 2.01, 1.99])
-    assert p < 1e-4
+def register(monkeypatch, suite):
+    from lmopt.registry import _populate
+
+    _populate()
+    monkeypatch.setitem(SUITES._entries, suite.name, Entry(suite.name, suite, suite.description))
+    return suite
 
 
-def test_suites_in_the_registry_are_complete():
-    full = SUITES.get("cpu-full")
-    from lmopt.registry import OPTIMIZERS
-
-    assert set(full.optimizers) == set(OPTIMIZERS.names())
-    assert all(len(grid) >= 5 for grid in full.lr_grids.values())
-    assert len(full.seeds) >= 3
+TINY = dict(data="brown", seq_len=32, batch_tokens=512, steps=8, seeds=(0, 1), budget_fractions=(0.5,),
+            eval_points=4, eval_tokens=2048, ladder="test-ladder")
 
 
-def test_a_tiny_suite_end_to_end(tmp_path, monkeypatch):
-    """Sweep with widening, seeds, a second budget, the report and its plots; then a rerun does nothing."""
+def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
+    """Tuning, held-out seeds at two budgets, the report (regenerated bit for bit), a second rung that starts
+    from the first rung's choice, the ladder report; a rerun does nothing."""
     monkeypatch.setenv("LMOPT_RUNS", str(tmp_path / "runs"))
-    suite = Suite(name="cpu-quick", description="test", preset="nano", data="brown", seq_len=32,
-                  batch_tokens=512, steps=8, extra_steps=(4,), lr_grids={"adamw": (1e-3, 1e-2), "spectra": (3e-3,)},
-                  seeds=(0, 1), eval_points=4, eval_tokens=2048, max_widen=1)
-    runner = BenchRunner(suite, jobs=2, results_root=tmp_path / "results", log=lambda _: None)
-    runner.run()
-    records = load_records("cpu-quick", tmp_path / "results")
-    configs = [(r["config"]["optimizer"], r["config"]["lr"], r["config"]["seed"], r["config"]["steps"])
-               for r in records.values()]
-    sweep = {(o, lr) for o, lr, s, t in configs if s == 0 and t == 8}
-    assert {("adamw", 1e-3), ("adamw", 1e-2), ("spectra", 3e-3)} <= sweep
-    assert len(sweep) > 3  # at least one edge was widened
-    for optimizer in ("adamw", "spectra"):
-        best = min((r for r in records.values() if r["config"]["optimizer"] == optimizer
-                    and r["config"]["seed"] == 0 and r["config"]["steps"] == 8),
-                   key=lambda r: r["end"]["final_val_loss"])["config"]["lr"]
-        assert {(s, t) for o, lr, s, t in configs if o == optimizer and lr == best} == {(0, 8), (1, 8), (0, 4), (1, 4)}
+    results = tmp_path / "results"
+    first = register(monkeypatch, Suite(name="test-rung1", description="rung 1", preset="nano",
+                                        optimizers=("adamw", "muon"), tuning_budget=2, **TINY))
+    BenchRunner(first, jobs=2, results_root=results, log=lambda _: None).run()
+    records = load_records(first.name, results)
+    assert len(records) == 2 * (2 + 2 * 2)
+    tuned = [r for r in records.values() if r["config"]["seed"] == first.tuning_seed]
+    assert all(r["probe"] in (0, 1) for r in tuned)
     # same seed, same initial weights and data: the step-0 validation losses agree across optimizers
-    initial = {r["evals"][0]["val_loss"] for r in records.values() if r["config"]["seed"] == 0}
-    assert len(initial) == 1
+    assert len({r["evals"][0]["val_loss"] for r in records.values() if r["config"]["seed"] == 0}) == 1
+    found = collect(first, records, results)
+    assert set(found["adamw"].finals) == {0, 1} and set(found["adamw"].budget_finals) == {4, 8}
+    comparison = compare(found, first, "adamw")["muon"]
+    assert comparison.diff.n == 2 and set(comparison.speedups) == {0, 1}
 
-    monkeypatch.setattr(SUITES, "get", lambda name: suite)
-    path = write_report("cpu-quick", root=tmp_path / "results")
-    text = path.read_text()
-    assert "| 1 |" in text and "`spectra` vs `adamw`" in text
-    for plot in ("loss_vs_tokens.png", "lr_sensitivity.png", "speedup.png"):
+    path = write_report(first.name, root=results)
+    text, summary = path.read_text(), (path.parent / "summary.json").read_text()
+    assert "| 1 |" in text and "Δ vs AdamW" in text and "**" in text
+    for plot in ("loss_vs_tokens.png", "speedup_vs_adamw.png", "sensitivity.png"):
         assert (path.parent / plot).stat().st_size > 1000
-    summary = json.loads((path.parent / "summary.json").read_text())
-    assert summary["adamw"]["speedup"] == pytest.approx(1.0)
+    write_report(first.name, root=results)
+    assert path.read_text() == text and (path.parent / "summary.json").read_text() == summary
+    assert json.loads(summary)["muon"]["vs_adamw"]["diff"] == pytest.approx(comparison.diff.mean_diff)
+
+    second = register(monkeypatch, Suite(name="test-rung2", description="rung 2", preset="tiny",
+                                         optimizers=("adamw",), tuning_budget=1, transfer_from=first.name,
+                                         rung_knobs=("lr", "own"), **TINY))
+    log = []
+    BenchRunner(second, jobs=1, results_root=results, log=log.append).run()
+    start = chosen_values(first, "adamw", results)
+    rung2 = load_records(second.name, results)
+    first_probe = next(r for r in rung2.values() if r["probe"] == 0)
+    assert first_probe["knobs"] == start  # every knob starts at rung 1's choice; wd and warm-up stay there
+    assert first_probe["config"]["weight_decay"] == start["weight_decay"]
+    ladder = write_ladder_report("test-ladder", root=results)
+    assert "test-rung1" in ladder.read_text() and (ladder.parent / "speedup_vs_size.png").exists()
 
     ran = []
-    runner2 = BenchRunner(suite, jobs=1, results_root=tmp_path / "results", log=ran.append)
-    runner2.run()
-    assert not any("runs to do" in line for line in ran)
+    BenchRunner(first, jobs=1, results_root=results, log=ran.append).run()
+    assert not any("final val loss" in line for line in ran)
 
 
 def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
@@ -95,7 +160,6 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
         run_trainer_overhead,
         write_step_results,
     )
-    from lmopt.registry import OPTIMIZERS
 
     result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, profile=["spectra"], log=lambda _: None)
     rows = result["results"]
@@ -118,3 +182,23 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     text = write_step_results(result, tmp_path, "lmopt bench step --preset nano", "abc").read_text()
     assert "| spectra |" in text and "## Training step" in text and "| ratio |" in text
     assert "Where the time goes: `spectra`" in text and result["profiles"]["spectra"][0]["calls"] >= 1
+
+
+def test_gpu_jobs_get_disjoint_devices_and_the_dry_run_counts_the_protocol(monkeypatch):
+    import dataclasses
+
+    from lmopt.bench.plan import suite_plan
+    from lmopt.bench.runner import device_groups
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    suite = SUITES.get("gpu-134m")
+    groups = device_groups(suite, 4)
+    assert [groups.get() for _ in range(4)] == [["0"], ["1"], ["2"], ["3"]]
+    assert device_groups(dataclasses.replace(suite, gpus_per_job=2), 2).get() == ["0", "1"]
+    with pytest.raises(ValueError, match="needs 8 GPUs"):
+        device_groups(dataclasses.replace(suite, gpus_per_job=2), 4)
+    assert device_groups(SUITES.get("cpu-full"), 2) is None
+    plan = suite_plan(suite, list(suite.optimizers))
+    per_optimizer = suite.tuning_budget * 2000 + len(suite.seeds) * (500 + 1000 + 2000)
+    assert plan["runs"] == 11 * (12 + 5 * 3) and plan["tokens"] == 11 * per_optimizer * 262144
+    assert plan["gpu_hours"] > 0

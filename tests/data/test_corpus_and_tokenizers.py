@@ -64,7 +64,7 @@ def write_fineweb_parquet(path, texts):
         "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n,
         "language": ["en"] * n,
         "language_score": [0.95] * n,
-        "token_count": [len(t.split()) for t in texts],
+        "token_count": [len(t.split()) if t else 0 for t in texts],
     })
     assert tuple(table.column_names) == FINEWEB_COLUMNS
     pq.write_table(table, path)
@@ -96,3 +96,37 @@ def test_unprepared_data_says_how_to_prepare(tmp_path, monkeypatch):
     monkeypatch.setenv("LMOPT_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="lmopt data prepare --corpus fineweb --tokenizer qwen3"):
         load_prepared("fineweb", "qwen3")
+
+
+def test_damaged_inputs_get_clear_errors_and_leave_nothing_behind(tmp_path, monkeypatch, capsys):
+    from lmopt.cli import main
+    from lmopt.data.shards import ShardError
+
+    packages = data_home() / "packages"
+    monkeypatch.setenv("LMOPT_DATA", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "packages").symlink_to(packages)
+    # a local path that does not exist is not mistaken for a Hugging Face dataset name
+    assert main(["data", "prepare", "--corpus", "fineweb", "--tokenizer", "qwen3", "--source", str(tmp_path / "no"),
+                 "--name", "x"]) == 2
+    out = capsys.readouterr().out
+    assert "no such file or directory" in out and "Traceback" not in out
+    # a parquet row with null text: the file and row are named, no temporary shard is left
+    source = tmp_path / "fw"
+    source.mkdir()
+    texts = [text for _, text in brown_documents()][:40]
+    write_fineweb_parquet(source / "a.parquet", [*texts[:20], None, *texts[20:]])
+    with pytest.raises(ValueError, match=r"a.parquet, row 20: 'text' is None"):
+        prepare("fineweb", "qwen3", source=str(source), name="nulls", log=lambda _: None)
+    assert not list((tmp_path / "data" / "prepared").rglob(".*.tmp-*"))
+    # a meta.json that lost a key
+    write_fineweb_parquet(source / "a.parquet", texts)
+    out_dir = prepare("fineweb", "qwen3", source=str(source), name="ok", log=lambda _: None)
+    meta = json.loads((out_dir / "meta.json").read_text())
+    del meta["vocab_size"]
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="lacks vocab_size; delete .* and prepare the data again"):
+        load_prepared("ok", "qwen3")
+    # --debug shows the traceback that is otherwise one line
+    with pytest.raises(ShardError):
+        main(["--debug", "train", "--data", "ok", "--tokenizer", "qwen3", "--preset", "qwen3-44m", "--steps", "1"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -77,6 +78,31 @@ def rung_optimizers(suite: Suite, root: Path | None = None) -> list[str]:
     return names
 
 
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may hand out (``CUDA_VISIBLE_DEVICES`` if set, else every device torch sees)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def device_groups(suite: Suite, jobs: int) -> queue.Queue | None:
+    """For a GPU suite, ``jobs`` disjoint groups of ``suite.gpus_per_job`` GPUs, one per concurrent run."""
+    if suite.device != "cuda":
+        return None
+    gpus = visible_gpus()
+    need = jobs * suite.gpus_per_job
+    if len(gpus) < need:
+        raise ValueError(f"--jobs {jobs} x {suite.gpus_per_job} GPU(s) per job needs {need} GPUs; "
+                         f"{len(gpus)} visible ({', '.join(gpus) or 'none'})")
+    groups: queue.Queue = queue.Queue()
+    for j in range(jobs):
+        groups.put(gpus[j * suite.gpus_per_job:(j + 1) * suite.gpus_per_job])
+    return groups
+
+
 class BenchRunner:
     def __init__(self, suite: Suite, jobs: int = 1, only: list[str] | None = None, results_root: Path | None = None,
                  log: Callable[[str], None] = print) -> None:
@@ -92,6 +118,7 @@ class BenchRunner:
         self._lock = threading.Lock()
         self._children: set[subprocess.Popen] = set()
         self._stopping = False
+        self._devices = device_groups(suite, jobs)
 
     def records(self) -> dict[str, dict]:
         return load_records(self.suite.name, self.root)
@@ -170,16 +197,26 @@ class BenchRunner:
         atomic_write_text(config_path, json.dumps(config))
         started = time.time()
         env = os.environ | {"OMP_NUM_THREADS": str(self.suite.threads_per_job or os.cpu_count())}
-        with open(log_path, "a") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "lmopt.cli", "train", "--config", str(config_path),
-                                     "--resume-or-start"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
-            with self._lock:
-                self._children.add(proc)
-            try:
-                returncode = proc.wait()
-            finally:
+        devices = self._devices.get() if self._devices is not None else None
+        command = [sys.executable, "-m", "lmopt.cli", "train", "--config", str(config_path), "--resume-or-start"]
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            if len(devices) > 1:  # one FSDP job over this group of GPUs
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={len(devices)}", "-m", *command[2:]]
+        try:
+            with open(log_path, "a") as log_file:
+                proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
                 with self._lock:
-                    self._children.discard(proc)
+                    self._children.add(proc)
+                try:
+                    returncode = proc.wait()
+                finally:
+                    with self._lock:
+                        self._children.discard(proc)
+        finally:
+            if devices is not None:
+                self._devices.put(devices)
         if self._stopping:
             return
         if returncode not in (0, 3):  # 3: the run diverged, which is a result, not a failure

@@ -58,8 +58,8 @@ def tuning_space(optimizer: str, start: Mapping[str, float] | None = None,
                  only: tuple[str, ...] | None = None) -> tuple[Knob, ...]:
     """The knobs of ``optimizer``: lr (factor-2 grid around the start), its own knobs, weight decay, warm-up.
 
-    ``start`` overrides start values (a ladder rung starts from the rung below); ``only`` keeps those knobs
-    (``"own"`` standing for the optimizer's own ones).
+    ``start`` overrides start values (a ladder rung starts from the rung below); ``only`` tunes those knobs
+    (``"own"`` standing for the optimizer's own ones) and fixes the others at their start values.
     """
     spec = OPTIMIZERS.get(optimizer)
     start = dict(start or {})
@@ -69,10 +69,10 @@ def tuning_space(optimizer: str, start: Mapping[str, float] | None = None,
         knobs.append(Knob(key, values, start.get(key, option_default(optimizer, key))))
     knobs.append(Knob("weight_decay", WEIGHT_DECAYS, start.get("weight_decay", COMMON_START["weight_decay"])))
     knobs.append(Knob("warmup_frac", WARMUPS, start.get("warmup_frac", COMMON_START["warmup_frac"])))
-    if only is not None:
+    if only is not None:  # the other knobs stay fixed at their start values (a one-point grid)
         own = {key for key, _ in OWN_KNOBS.get(optimizer, ())}
         keep = {k for k in only if k != "own"} | (own if "own" in only else set())
-        knobs = [k for k in knobs if k.key in keep]
+        knobs = [k if k.key in keep else Knob(k.key, (k.start,), k.start) for k in knobs]
     return tuple(knobs)
 
 
@@ -102,6 +102,7 @@ class Suite:
     eval_tokens: int = 32768
     grad_accum: int = 1  # micro-batches per step (batch_tokens / grad_accum tokens per forward pass)
     threads_per_job: int = 1
+    gpus_per_job: int = 1  # > 1: each run is one FSDP job over that many GPUs (torchrun)
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False

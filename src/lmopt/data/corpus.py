@@ -78,7 +78,17 @@ def fineweb_documents(source: str | None = None) -> Iterator[Document]:
     if not source:
         raise ValueError("the fineweb corpus needs --source: a directory of parquet files or an HF dataset name")
     path = Path(source)
-    return _parquet_documents(path) if path.exists() else _hf_documents(source)
+    if path.exists():
+        return _parquet_documents(path)
+    if looks_like_path(source):
+        raise FileNotFoundError(f"--source {source}: no such file or directory (a local parquet directory, or an "
+                                "HF dataset name such as HuggingFaceFW/fineweb)")
+    return _hf_documents(source)
+
+
+def looks_like_path(source: str) -> bool:
+    """A local path rather than an HF dataset name ("owner/name"): absolute, relative (./, ../, ~) or a file."""
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".parquet") or source.count("/") > 1
 
 
 def _parquet_documents(path: Path) -> Iterator[Document]:
@@ -99,8 +109,12 @@ def _parquet_documents(path: Path) -> Iterator[Document]:
         for batch in table.iter_batches(columns=columns, batch_size=1024):
             data = batch.to_pydict()
             ids = data.get("id") or [f"{file.name}:{row + i}" for i in range(len(data["text"]))]
+            for i, (doc_id, text) in enumerate(zip(ids, data["text"], strict=True)):
+                if not isinstance(text, str):
+                    raise ValueError(f"{file}, row {row + i}: 'text' is {text!r}, not a string; clean the file "
+                                     "(drop rows with null text) and prepare again")
+                yield doc_id, text
             row += len(data["text"])
-            yield from zip(ids, data["text"], strict=True)
 
 
 def _hf_documents(name: str) -> Iterator[Document]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 
 from lmopt.data.corpus import CorpusSpec, is_validation
 from lmopt.data.paths import atomic_write_text, data_home
-from lmopt.data.shards import ShardWriter, read_shard
+from lmopt.data.shards import ShardError, ShardWriter, read_shard
 from lmopt.data.tokenizer import TokenizerSpec, eot_id, tokenizer_fingerprint
 from lmopt.registry import CORPORA, TOKENIZERS
 
@@ -61,19 +62,25 @@ def prepare(
     tok = tok_spec.load(corpus=name, train_texts=train_texts)
     eot = eot_id(tok)
     out = dataset_dir(name, tokenizer)
+    remove_stale_temporaries(out)
     writers = {"train": ShardWriter(out / "train.bin", tok_spec.vocab_size),
                "val": ShardWriter(out / "val.bin", tok_spec.vocab_size)}
     n_docs = {"train": 0, "val": 0}
     n_chars = 0
-    docs = iter(documents())
-    while batch := list(itertools.islice(docs, ENCODE_BATCH_DOCS)):
-        for (doc_id, text), encoding in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
-            split = "val" if is_validation(doc_id) else "train"
-            writers[split].append(np.asarray([*encoding.ids, eot], dtype=np.int64))
-            n_docs[split] += 1
-            n_chars += len(text)
-    if n_docs["train"] == 0 or n_docs["val"] == 0:
-        raise ValueError(f"corpus {name!r} gave {n_docs} documents: both splits need at least one")
+    try:
+        docs = iter(documents())
+        while batch := list(itertools.islice(docs, ENCODE_BATCH_DOCS)):
+            for (doc_id, text), encoding in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
+                split = "val" if is_validation(doc_id) else "train"
+                writers[split].append(np.asarray([*encoding.ids, eot], dtype=np.int64))
+                n_docs[split] += 1
+                n_chars += len(text)
+        if n_docs["train"] == 0 or n_docs["val"] == 0:
+            raise ValueError(f"corpus {name!r} gave {n_docs} documents: both splits need at least one")
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()  # no half-written temporary file is left behind
+        raise
     meta = {
         "name": name,
         "corpus": corpus,
@@ -94,6 +101,39 @@ def prepare(
     return out
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` files left by a prepare that crashed (its process is gone)."""
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+META_KEYS = ("name", "tokenizer", "vocab_size", "eot_id", "tokens")
+
+
+def read_meta(path: Path) -> dict:
+    """A prepared dataset's ``meta.json``, checked; a damaged one is an error that says how to recover."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path} is unreadable ({err}); delete {path.parent} and prepare the data again") from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ShardError(f"{path} lacks {', '.join(missing)}; delete {path.parent} and prepare the data again")
+    return meta
+
+
 def load_prepared(name: str, tokenizer: str, auto_prepare: bool = True, verify: bool = True) -> PreparedData:
     """Open prepared shards; an embedded corpus (no ``--source`` needed) is prepared on first use."""
     path = dataset_dir(name, tokenizer)
@@ -105,5 +145,5 @@ def load_prepared(name: str, tokenizer: str, auto_prepare: bool = True, verify: 
                 + (" --source ..." if spec is None or spec.needs_source else "")
             )
         prepare(name, tokenizer)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path / "meta.json")
     return PreparedData(path, meta, read_shard(path / "train.bin", verify), read_shard(path / "val.bin", verify))

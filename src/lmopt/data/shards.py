@@ -69,6 +69,12 @@ class ShardWriter:
         os.replace(self._tmp, self.path)
         return self.path
 
+    def abort(self) -> None:
+        """Discard what was written (the temporary file), leaving no trace."""
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
     def __enter__(self) -> ShardWriter:
         return self
 
@@ -76,8 +82,7 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
 
 
 def write_shard(path: Path, tokens: np.ndarray, vocab_size: int) -> Path:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
 
 from lmopt.optim.roles import role_param_groups
-from lmopt.registry import OPTIMIZERS
+from lmopt.registry import OPTIMIZERS, UnknownNameError
 
 
 class OptionError(ValueError):
@@ -111,3 +113,57 @@ def build(name: str, model: nn.Module, lr: float | None = None, weight_decay: fl
     extra = {"total_steps": total_steps} if spec.needs_total_steps else {}
     choices = {"impl": spec.impls} if spec.impls else {}
     return spec.builder(model, lr=lr, weight_decay=weight_decay, **extra, **validate_options(spec, options, choices))
+
+
+# --- a user's own optimizer -------------------------------------------------------------------------------------
+
+
+def spec_from_class(cls: type[Optimizer], name: str) -> OptimizerSpec:
+    """An :class:`OptimizerSpec` for any ``torch.optim.Optimizer`` subclass, read from its signature.
+
+    The class gets lmopt's role groups (each carries its ``weight_decay``: 0 on embeddings, norms and 1-D
+    parameters); its keyword defaults become the spec's options (checked like lmopt's own); its ``lr`` default,
+    if any, the default lr.
+    """
+    parameters = inspect.signature(cls.__init__).parameters
+    keyword = {k: p.default for k, p in parameters.items()
+               if k not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    lr = keyword.pop("lr", inspect.Parameter.empty)
+    wd = keyword.pop("weight_decay", inspect.Parameter.empty)
+    takes_wd = "weight_decay" in parameters
+    defaults = {k: v for k, v in keyword.items()
+                if v is not inspect.Parameter.empty and isinstance(v, bool | int | float | str | tuple | list)}
+
+    def builder(model: nn.Module, lr: float, weight_decay: float, **options: Any) -> Optimizer:
+        extra = {"weight_decay": weight_decay} if takes_wd else {}
+        return cls(role_param_groups(model, weight_decay), lr=lr, **extra, **options)
+
+    doc = (inspect.getdoc(cls) or "").split("\n")[0]
+    return OptimizerSpec(
+        name=name, summary=doc or f"{cls.__module__}.{cls.__qualname__}", source=f"{cls.__module__}:{cls.__qualname__}",
+        builder=builder, defaults=defaults,
+        default_lr=lr if isinstance(lr, int | float) and not isinstance(lr, bool) else 1e-3,
+        default_weight_decay=wd if isinstance(wd, int | float) and not isinstance(wd, bool) else 0.0,
+    )
+
+
+def resolve_reference(reference: str, name: str) -> OptimizerSpec:
+    """``package.module:Name`` -> a spec: an :class:`OptimizerSpec`, a ``torch.optim.Optimizer`` subclass, or a
+    function with no arguments returning a spec."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UnknownNameError(f"cannot load optimizer {reference!r}: {err}; the module must be importable "
+                               "(installed, or on PYTHONPATH) and define that name") from None
+    if isinstance(obj, type) and issubclass(obj, Optimizer):
+        return spec_from_class(obj, name)
+    if callable(obj) and not isinstance(obj, type):
+        obj = obj()
+    if isinstance(obj, OptimizerSpec):
+        return replace(obj, name=name)
+    raise UnknownNameError(f"{reference!r} is {type(obj).__name__}, not a torch.optim.Optimizer subclass, an "
+                           "lmopt.optim.OptimizerSpec or a function returning one")
+
+
+OPTIMIZERS.resolver = resolve_reference

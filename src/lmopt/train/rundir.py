@@ -2,7 +2,7 @@
 
 The rules that keep a user's files safe:
 
-* A run name is a relative path of safe components (``[A-Za-z0-9_][A-Za-z0-9._+=-]*`` each, at most 8 of them,
+* A run name is a relative path of safe components (``[A-Za-z0-9_][A-Za-z0-9._+=:-]*`` each, at most 8 of them,
   no ``.``/``..``, no absolute paths), so a run folder always lies strictly inside ``$LMOPT_RUNS``.
 * A folder is only ever deleted (``--overwrite``) when it is an lmopt run (it holds the ``.lmopt-run``
   marker, or the ``config.json`` + ``metrics.jsonl`` of an older lmopt) or is empty; a folder of anything
@@ -26,7 +26,7 @@ from lmopt.train.errors import ConfigError
 
 MARKER = ".lmopt-run"
 LOCK = ".lock"
-_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,127}")
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=:-]{0,127}")
 MAX_COMPONENTS = 8
 
 
@@ -45,7 +45,7 @@ def check_run_name(name: str) -> str:
     if not name or name.startswith("/") or bad or len(parts) > MAX_COMPONENTS:
         raise RunDirError(
             f"invalid run name {name!r}: use up to {MAX_COMPONENTS} '/'-separated names of letters, digits and "
-            "'._+=-' (not starting with '.' or '-'), e.g. 'adamw-lr3e-3'; a run always lives inside $LMOPT_RUNS"
+            "'._+=:-' (not starting with '.' or '-'), e.g. 'adamw-lr3e-3'; a run always lives inside $LMOPT_RUNS"
         )
     return name
 
