@@ -190,6 +190,9 @@ def _add_bench_parser(sub) -> None:
     run.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
     run.add_argument("--jobs", type=int, default=1, help="runs at once (each uses the suite's threads per job)")
     run.add_argument("--only", nargs="+", metavar="PATTERN", help="only these optimizers (glob patterns)")
+    run.add_argument("--with", dest="extra", nargs="+", metavar="OPTIMIZER", default=[],
+                     help="also run these optimizers (registered names, or your own as package.module:Name; the "
+                     "module must be importable), tuned and compared like the suite's own")
     run.add_argument("--dry-run", action="store_true",
                      help="print the runs, tokens, FLOPs, device hours and memory per device; run nothing")
     rep = bench_sub.add_parser("report", help="write results/SUITE/leaderboard.md and plots from stored runs",
@@ -278,10 +281,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 names = rung_optimizers(suite)
             except (FileNotFoundError, RuntimeError):  # a rung whose first rung has not run: its base list
                 names = list(suite.optimizers)
+            names += [n for n in args.extra if n not in names]
             names = [n for n in names if not args.only or any(fnmatch(n, p) for p in args.only)]
             _log(plan_text(suite_plan(suite, names)))
             return 0
-        run_suite(args.suite, jobs=args.jobs, only=args.only, log=_log)
+        run_suite(args.suite, jobs=args.jobs, only=args.only, log=_log, extra=args.extra)
         return 0
     from lmopt.bench.report import write_report
 

@@ -45,7 +45,7 @@ from lmopt.bench.results import (
 from lmopt.bench.suites import Suite
 from lmopt.bench.tuning import Knob, incumbent, next_probe, values_at
 from lmopt.data.paths import atomic_write_text, runs_home
-from lmopt.registry import SUITES
+from lmopt.registry import OPTIMIZERS, SUITES
 from lmopt.train.metrics import read_metrics
 from lmopt.train.rundir import RunLock
 from lmopt.train.trainer import format_duration
@@ -105,10 +105,12 @@ def device_groups(suite: Suite, jobs: int) -> queue.Queue | None:
 
 class BenchRunner:
     def __init__(self, suite: Suite, jobs: int = 1, only: list[str] | None = None, results_root: Path | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, extra: list[str] | None = None) -> None:
         self.suite, self.jobs, self.log = suite, jobs, log
         self.root = results_root
-        candidates = rung_optimizers(suite, results_root)
+        for name in extra or []:
+            OPTIMIZERS.get(name)  # a user's optimizer must load here, before any run starts
+        candidates = rung_optimizers(suite, results_root) + [n for n in extra or [] if n not in suite.optimizers]
         self.optimizers = [o for o in candidates if not only or any(fnmatch(o, pat) for pat in only)]
         if only and not self.optimizers:
             raise ValueError(f"--only {only} matches none of the suite's optimizers: {', '.join(candidates)}")
@@ -248,5 +250,6 @@ class BenchRunner:
                           "".join(json.dumps(line) + "\n" for line in [head, *evals, end]))
 
 
-def run_suite(name: str, jobs: int = 1, only: list[str] | None = None, log: Callable[[str], None] = print) -> None:
-    BenchRunner(SUITES.get(name), jobs=jobs, only=only, log=log).run()
+def run_suite(name: str, jobs: int = 1, only: list[str] | None = None, log: Callable[[str], None] = print,
+              extra: list[str] | None = None) -> None:
+    BenchRunner(SUITES.get(name), jobs=jobs, only=only, log=log, extra=extra).run()
