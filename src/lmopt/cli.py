@@ -304,7 +304,9 @@ def _add_spectrum_parser(sub) -> None:
         "directory, or a run directory for its latest checkpoint). Writes a JSON summary and PNG plots per "
         "checkpoint into OUT/<run>-step<N>/; with several checkpoints, also OUT/compare.png overlaying them.",
     )
-    p.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
+    p.add_argument("checkpoints", nargs="*", help="checkpoint or run directories")
+    p.add_argument("--replot", metavar="DIR",
+                   help="redraw the plots of every stored measurement (<DIR>/*/summary.json) instead of measuring")
     p.add_argument("--layers", default="0,-1",
                    help="comma-separated layer indices, negative from the end (default 0,-1)")
     p.add_argument("--micro-batches", type=int, default=16, help="micro-batches averaged into G (default 16)")
@@ -319,6 +321,14 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     from lmopt.analysis.plots import plot_compare, plot_report
     from lmopt.data.paths import atomic_write_text
 
+    if args.replot:
+        from lmopt.analysis.plots import replot
+
+        for path in replot(Path(args.replot)):
+            _log(f"wrote {path}")
+        return 0
+    if not args.checkpoints:
+        raise ValueError("give one or more checkpoint or run directories (or --replot DIR)")
     try:
         layers = [int(x) for x in args.layers.split(",")]
     except ValueError:

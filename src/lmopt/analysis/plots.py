@@ -22,6 +22,19 @@ def _grid(n: int):
     return plt, fig, list(axes.flat[:n])
 
 
+def _ylabel(axes: list, label: str) -> None:
+    """The y label on the first panel of every row (the grid has up to 4 columns)."""
+    for i, ax in enumerate(axes):
+        if i % 4 == 0:
+            ax.set_ylabel(label, fontsize=8)
+
+
+def _mark_spike(ax, m: dict, rank: int, relative: bool = True) -> None:
+    """A red dashed line at the spike's cut-off k (as a fraction of the rank when ``relative``)."""
+    k = m["spike"]["size"]
+    ax.axvline(k / rank if relative else k, color="red", ls="--", lw=0.8, label=f"spike cut-off k={k}")
+
+
 def _short(name: str) -> str:
     return name.removesuffix(".weight").replace("self_attn.", "").replace("mlp.", "")
 
@@ -45,7 +58,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.set_title(_short(name), fontsize=9)
         ax.set_xlabel("k / rank", fontsize=8)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("s_k / s_1")
+    _ylabel(axes, "s_k / s_1")
     fig.suptitle(f"gradient singular values: {title}", fontsize=10)
     paths.append(_save(plt, fig, out_dir / "spectra.png"))
 
@@ -55,11 +68,13 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
             c = np.asarray(cdf)
             ax.plot(np.arange(1, len(c) + 1) / len(c), c, label={"G": "gradient G", "M": "first moment M",
                                                                    "V": "second moment V"}[key])
+        m = report["matrices"][name]
+        _mark_spike(ax, m, len(m["singular_values"]))
         ax.set_xscale("log")
         ax.set_title(_short(name), fontsize=9)
         ax.set_xlabel("k / rank", fontsize=8)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("cumulative spectral energy")
+    _ylabel(axes, "cumulative spectral energy")
     fig.suptitle(f"spectral energy CDF (Fig. 3): {title}", fontsize=10)
     paths.append(_save(plt, fig, out_dir / "cdf.png"))
 
@@ -68,9 +83,11 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         for ax, name in zip(axes, names, strict=True):
             r = np.asarray(report["matrices"][name]["relvar"])
             ax.semilogy(np.arange(1, len(r) + 1), r, lw=1)
+            _mark_spike(ax, report["matrices"][name], len(r), relative=False)
+            ax.legend(fontsize=7)
             ax.set_title(_short(name), fontsize=9)
             ax.set_xlabel("k", fontsize=8)
-        axes[0].set_ylabel("RelVar(k) = Var(a_k) / s_k²")
+        _ylabel(axes, "RelVar(k) = Var(a_k) / s_k²")
         fig.suptitle(f"relative variance along singular directions (Fig. 4): {title}", fontsize=10)
         paths.append(_save(plt, fig, out_dir / "relvar.png"))
 
@@ -78,10 +95,12 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     for ax, name in zip(axes, names, strict=True):
         a = np.asarray(report["matrices"][name]["ns_alignment"])
         ax.plot(np.arange(1, len(a) + 1), a, lw=0.8)
+        _mark_spike(ax, report["matrices"][name], len(a), relative=False)
+        ax.legend(fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_title(_short(name), fontsize=9)
         ax.set_xlabel("k", fontsize=8)
-    axes[0].set_ylabel("|<u_k(G), u_k(NS(G))>|")
+    _ylabel(axes, "|<u_k(G), u_k(NS(G))>|")
     fig.suptitle(f"singular directions kept by Newton-Schulz (Fig. 5): {title}", fontsize=10)
     paths.append(_save(plt, fig, out_dir / "alignment.png"))
     return paths
@@ -98,9 +117,23 @@ def plot_compare(reports: list[dict], out_path: Path) -> Path:
         ax.set_title(_short(name), fontsize=9)
         ax.set_xlabel("k / rank", fontsize=8)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("s_k / s_1")
+    _ylabel(axes, "s_k / s_1")
     fig.suptitle(f"gradient spectra across training: {reports[0]['run']}", fontsize=10)
     return _save(plt, fig, out_path)
+
+
+def replot(folder: Path) -> list[Path]:
+    """Redraw every measurement stored under ``folder`` (``*/summary.json``) and their comparison plot."""
+    import json
+
+    reports = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*/summary.json"))]
+    if not reports:
+        raise FileNotFoundError(f"no */summary.json under {folder}; measure with `lmopt spectrum CHECKPOINT...`")
+    paths = [p for f, r in zip(sorted(Path(folder).glob("*/summary.json")), reports, strict=True)
+             for p in plot_report(r, f.parent)]
+    if len(reports) > 1:
+        paths.append(plot_compare(sorted(reports, key=lambda r: r["step"]), Path(folder) / "compare.png"))
+    return paths
 
 
 def _save(plt, fig, path: Path) -> Path:
