@@ -2,8 +2,9 @@
 
 The CLI, the trainer, the benchmark and the tests look names up here and never keep lists of their own.
 Each layer registers its entries when it is imported (``lmopt.model`` registers presets, ``lmopt.data``
-corpora and tokenizers, ``lmopt.optim`` optimizers); :func:`Registry.get` imports them on first use, so
-``from lmopt.registry import PRESETS; PRESETS.names()`` always sees every entry.
+corpora and tokenizers, ``lmopt.optim`` optimizers, ``lmopt.bench`` suites); a registry imports its own layer,
+and only that one, on first use, so ``from lmopt.registry import PRESETS; PRESETS.names()`` always sees every
+entry and looking up an optimizer never imports the benchmark layer.
 
 This module imports nothing else from lmopt at import time, so any layer may use it.
 """
@@ -18,8 +19,6 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-# The modules whose import registers entries. Imported lazily on first lookup.
-_REGISTERING_MODULES = ("lmopt.model", "lmopt.data", "lmopt.optim", "lmopt.bench")
 
 
 class UnknownNameError(ValueError):
@@ -42,11 +41,13 @@ class Registry(Generic[T]):
     (e.g. ``[project.entry-points."lmopt.optimizers"] myopt = "mypkg.optim:MyOpt"``).
     """
 
-    def __init__(self, kind: str, plural: str | None = None) -> None:
+    def __init__(self, kind: str, module: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.module = module  # the layer whose import registers this registry's entries (imported on first use)
         self.plural = plural or kind + "s"
         self._entries: dict[str, Entry[T]] = {}
         self.resolver: Callable[[str, str], T] | None = None  # (reference, name) -> value
+        self._populated = False
 
     def register(self, name: str, value: T, summary: str = "") -> T:
         if name in self._entries:
@@ -58,7 +59,7 @@ class Registry(Generic[T]):
         return self.entry(name).value
 
     def entry(self, name: str) -> Entry[T]:
-        _populate()
+        self._populate()
         if name not in self._entries and ":" in name and self.resolver is not None:
             value = self.resolver(name, name)
             self._entries.setdefault(name, Entry(name, value, f"user {self.kind} {name}"))
@@ -70,6 +71,14 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}{hint}"
             ) from None
 
+    def _populate(self) -> None:
+        """Import the layer that registers this registry's entries (only that one), then entry points."""
+        if self._populated:
+            return
+        self._populated = True
+        importlib.import_module(self.module)
+        self._load_entry_points()
+
     def _load_entry_points(self) -> None:
         if self.resolver is None:
             return
@@ -79,34 +88,20 @@ class Registry(Generic[T]):
                                                   f"{self.kind} from package entry point {point.value}")
 
     def names(self) -> list[str]:
-        _populate()
+        self._populate()
         return list(self._entries)
 
     def entries(self) -> Iterator[Entry[T]]:
-        _populate()
+        self._populate()
         return iter(list(self._entries.values()))
 
     def __contains__(self, name: object) -> bool:
-        _populate()
+        self._populate()
         return name in self._entries
 
 
-_populated = False
-
-
-def _populate() -> None:
-    global _populated
-    if _populated:
-        return
-    _populated = True
-    for module in _REGISTERING_MODULES:
-        importlib.import_module(module)
-    for registry in (PRESETS, CORPORA, TOKENIZERS, OPTIMIZERS, SUITES):
-        registry._load_entry_points()
-
-
-PRESETS: Registry[Any] = Registry("preset")
-CORPORA: Registry[Any] = Registry("corpus", "corpora")
-TOKENIZERS: Registry[Any] = Registry("tokenizer")
-OPTIMIZERS: Registry[Any] = Registry("optimizer")
-SUITES: Registry[Any] = Registry("suite")
+PRESETS: Registry[Any] = Registry("preset", "lmopt.model")
+CORPORA: Registry[Any] = Registry("corpus", "lmopt.data", "corpora")
+TOKENIZERS: Registry[Any] = Registry("tokenizer", "lmopt.data")
+OPTIMIZERS: Registry[Any] = Registry("optimizer", "lmopt.optim")
+SUITES: Registry[Any] = Registry("suite", "lmopt.bench")

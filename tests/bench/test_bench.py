@@ -94,9 +94,7 @@ def test_tokens_to_target_interpolates_linearly():
 
 
 def register(monkeypatch, suite):
-    from lmopt.registry import _populate
-
-    _populate()
+    SUITES.names()  # populate before adding a test suite
     monkeypatch.setitem(SUITES._entries, suite.name, Entry(suite.name, suite, suite.description))
     return suite
 
