@@ -42,8 +42,13 @@ def test_untied_head_and_custom_modules():
                                   mlp_dim=16, tie_embeddings=False))
     assert param_roles(model)["lm_head.weight"] == "head"
     custom = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))
+    # by structure: the Linear is a hidden matrix (its output size is not the vocabulary's 5), its bias "other"
     assert param_roles(custom) == {"0.weight": "embedding", "1.weight": "norm", "1.bias": "norm",
-                                   "2.weight": "other", "2.bias": "other"}
+                                   "2.weight": "mlp", "2.bias": "other"}
+    head = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5))
+    assert param_roles(head)["1.weight"] == "head"
+    # name rules override the structure
+    assert param_roles(custom, rules=[(r"^2\.weight$", "attn_v")])["2.weight"] == "attn_v"
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())

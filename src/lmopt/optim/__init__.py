@@ -20,10 +20,10 @@ from lmopt.optim.msam import MSAM
 from lmopt.optim.muon import Muon
 from lmopt.optim.ortho_adam import OrthoAdam
 from lmopt.optim.roles import ROLES, param_role, param_roles, role_groups, role_param_groups
-from lmopt.optim.spec import OptimizerSpec, OptionError, build, validate_options
+from lmopt.optim.spec import OptimizerSpec, OptionError, build, split_table, validate_options
 from lmopt.optim.spectra import Spectra
 from lmopt.optim.stable_adamw import StableAdamW
 
 __all__ = ["AMCS", "ASA", "ASM", "LAMB", "MSAM", "ROLES", "Muon", "OptimizerSpec", "OptionError", "OrthoAdam",
            "Spectra", "StableAdamW", "build", "matrix_param_groups", "param_role", "param_roles", "role_groups",
-           "role_param_groups", "validate_options"]
+           "role_param_groups", "split_table", "validate_options"]

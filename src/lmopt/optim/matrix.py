@@ -15,11 +15,11 @@ from collections import defaultdict
 from torch import Tensor, nn
 
 from lmopt.optim.common import LmoptOptimizer, adamw_step_
-from lmopt.optim.roles import DEFAULT_RULES, HIDDEN_MATRIX_ROLES, RoleRules, role_param_groups
+from lmopt.optim.roles import HIDDEN_MATRIX_ROLES, RoleRules, role_param_groups
 
 
 def matrix_param_groups(model: nn.Module, weight_decay: float, matrix_roles=HIDDEN_MATRIX_ROLES,
-                        rules: RoleRules = DEFAULT_RULES) -> list[dict]:
+                        rules: RoleRules | None = None) -> list[dict]:
     """Role groups, each marked ``matrix`` when its role is a hidden-matrix role and its tensors are 2-D."""
     groups = []
     for group in role_param_groups(model, weight_decay, rules):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -96,13 +97,53 @@ def validate_options(spec: OptimizerSpec, options: Mapping[str, Any], choices: M
 
 
 def build(name: str, model: nn.Module, lr: float | None = None, weight_decay: float | None = None,
-          total_steps: int | None = None, **options: Any) -> Optimizer:
+          total_steps: int | None = None, verbose: bool = False, **options: Any) -> Optimizer:
     """The registered optimizer ``name`` over ``model``'s parameters, grouped by role.
 
     ``lr`` and ``weight_decay`` default to the optimizer's own defaults; ``options`` are checked against
     the registry entry (``lmopt optimizers`` lists them). ``total_steps`` is passed to optimizers whose
-    update depends on the run's length (AMCS) and ignored by the others.
+    update depends on the run's length (AMCS) and ignored by the others. ``verbose`` prints the split
+    (:func:`split_table`). A matrix optimizer that receives no hidden matrix warns: the roles missed them.
     """
+    optimizer = _build(name, model, lr, weight_decay, total_steps, **options)
+    if OPTIMIZERS.get(name).kind == "matrix" and not any(g.get("matrix") and g["params"]
+                                                          for g in optimizer.param_groups):
+        warnings.warn(f"{name}: no parameter of this model was recognised as a hidden matrix, so every parameter "
+                      "runs on the AdamW fallback; check lmopt.optim.split_table(optimizer, model) and pass role "
+                      "rules (lmopt.optim.matrix_param_groups(model, wd, rules=...)) if the split is wrong",
+                      stacklevel=2)
+    if verbose:
+        print(split_table(optimizer, model))
+    return optimizer
+
+
+def split_table(optimizer: Optimizer, model: nn.Module) -> str:
+    """A Markdown table of how ``optimizer``'s groups split ``model``: role, shapes, parameter count, which
+    update (matrix or elementwise), weight decay and the group's lr relative to the base lr (role scales an
+    optimizer applies inside its step, e.g. AMCS's and ASA's, are in its docstring); tied parameters noted."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    base_lr = optimizer.defaults.get("lr", 1.0) or 1.0
+    rows = ["| role | parameters | shapes | count | update | weight decay | group lr / base lr |",
+            "|---|---|---|---|---|---|---|"]
+    for group in optimizer.param_groups:
+        params = group["params"]
+        if not params:
+            continue
+        shapes = sorted({tuple(p.shape) for p in params})
+        shown = ", ".join("x".join(map(str, s)) for s in shapes[:3]) + (" ..." if len(shapes) > 3 else "")
+        tied = [f"{names[id(p)]} (tied: {', '.join(aliases[id(p)][1:])})" for p in params if len(aliases[id(p)]) > 1]
+        update = "matrix" if group.get("matrix") else ("AdamW fallback" if "matrix" in group else "elementwise")
+        label = f"{len(params)}" + (f"; {'; '.join(tied)}" if tied else "")
+        rows.append(f"| {group.get('role', '—')} | {label} | {shown} | {sum(p.numel() for p in params):,} | "
+                    f"{update} | {group.get('weight_decay', 0.0):g} | {group.get('lr', base_lr) / base_lr:g} |")
+    return "\n".join(rows)
+
+
+def _build(name: str, model: nn.Module, lr: float | None, weight_decay: float | None, total_steps: int | None,
+           **options: Any) -> Optimizer:
     spec: OptimizerSpec = OPTIMIZERS.get(name)
     lr = spec.default_lr if lr is None else lr
     weight_decay = spec.default_weight_decay if weight_decay is None else weight_decay
