@@ -11,6 +11,9 @@ This layer imports nothing from lmopt but the registry, so it serves any model::
 # Importing each module registers it; the order is the order `lmopt optimizers` lists them in.
 from lmopt.optim import adamw, adafactor, lamb, stable_adamw, ortho_adam, muon  # noqa: F401, I001
 from lmopt.optim import asm, asa, msam, amcs, spectra  # noqa: F401
+from torch.optim import AdamW  # lmopt's "adamw" is torch's own, re-exported so every optimizer is here
+
+from lmopt.optim.adafactor import Adafactor
 from lmopt.optim.amcs import AMCS
 from lmopt.optim.asa import ASA
 from lmopt.optim.asm import ASM
@@ -24,6 +27,27 @@ from lmopt.optim.spec import OptimizerSpec, OptionError, build, split_table, val
 from lmopt.optim.spectra import Spectra
 from lmopt.optim.stable_adamw import StableAdamW
 
-__all__ = ["AMCS", "ASA", "ASM", "LAMB", "MSAM", "ROLES", "Muon", "OptimizerSpec", "OptionError", "OrthoAdam",
-           "Spectra", "StableAdamW", "build", "matrix_param_groups", "param_role", "param_roles", "role_groups",
-           "role_param_groups", "split_table", "validate_options"]
+__all__ = [
+           "AMCS",
+           "ASA",
+           "ASM",
+           "LAMB",
+           "MSAM",
+           "ROLES",
+           "Adafactor",
+           "AdamW",
+           "Muon",
+           "OptimizerSpec",
+           "OptionError",
+           "OrthoAdam",
+           "Spectra",
+           "StableAdamW",
+           "build",
+           "matrix_param_groups",
+           "param_role",
+           "param_roles",
+           "role_groups",
+           "role_param_groups",
+           "split_table",
+           "validate_options",
+]
