@@ -11,9 +11,8 @@ This layer imports nothing from lmopt but the registry, so it serves any model::
 # Importing each module registers it; the order is the order `lmopt optimizers` lists them in.
 from lmopt.optim import adamw, adafactor, lamb, stable_adamw, ortho_adam, muon  # noqa: F401, I001
 from lmopt.optim import asm, asa, msam, amcs, spectra  # noqa: F401
-from torch.optim import AdamW  # lmopt's "adamw" is torch's own, re-exported so every optimizer is here
-
 from lmopt.optim.adafactor import Adafactor
+from lmopt.optim.adamw import AdamW
 from lmopt.optim.amcs import AMCS
 from lmopt.optim.asa import ASA
 from lmopt.optim.asm import ASM

@@ -48,11 +48,15 @@ class Adafactor(torch.optim.Adafactor):
         super().__init__(params, *args, **kwargs)
         self.impl = impl or ("foreach" if kwargs.get("foreach") else "for-loop")
 
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups; ``impl`` goes along
+        return super().__getstate__() | {"impl": self.impl}
+
     @torch.no_grad()
     def step(self, closure=None):
         sharded = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
         if not sharded and self.impl != "compiled":
-            return super().step(closure)
+            return _torch_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -120,6 +124,16 @@ class Adafactor(torch.optim.Adafactor):
         update = var_estimate.clamp(min=eps1 * eps1).rsqrt() * grad
         denom = (replicated(update.norm(2)) / (math.sqrt(update.numel()) * d)).clamp(min=1.0)
         p.sub_(update * (alpha / denom))
+
+
+def _torch_step(optimizer: Adafactor, closure):
+    """``torch.optim.Adafactor.step`` without the hook wrapper torch puts on it once any ``torch.optim.Adafactor``
+    exists in the process: our own ``step`` is wrapped already, and calling the wrapped one would run every
+    step hook twice."""
+    step = torch.optim.Adafactor.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step(optimizer, closure)
 
 
 def column_mean_square(grad: torch.Tensor) -> torch.Tensor:

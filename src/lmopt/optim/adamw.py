@@ -5,6 +5,10 @@
 
 Groups: weight decay on matrices (attention, MLP, untied head), none on embeddings, norms and 1-D parameters.
 ``impl``: "fused" (torch's fused kernel, CPU and CUDA), "foreach" (multi-tensor) or "for-loop".
+
+:class:`AdamW` is ``torch.optim.AdamW`` with one guard: sparse gradients and complex parameters are refused with
+the same message on every implementation (torch's for-loop and foreach paths would step a complex tensor as
+pairs of reals, and its fused path refuses it with a message about floating-point dtypes).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmopt.optim.common import refuse_sparse_and_complex
 from lmopt.optim.roles import role_param_groups
 from lmopt.optim.spec import OptimizerSpec, OptionError, register
 
@@ -24,9 +29,18 @@ def impl_flags(impl: str) -> dict:
     return {"fused": impl == "fused" or None, "foreach": impl == "foreach"}
 
 
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW``, refusing sparse gradients and complex parameters on every implementation."""
+
+    def _init_group(self, group, *args, **kwargs):
+        # torch's step calls this once per group, after the closure and before it updates the group
+        refuse_sparse_and_complex(type(self).__name__, group["params"])
+        return super()._init_group(group, *args, **kwargs)
+
+
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: float,
                 impl: str) -> torch.optim.AdamW:
-    return torch.optim.AdamW(role_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **impl_flags(impl))
+    return AdamW(role_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **impl_flags(impl))
 
 
 ADAMW = register(OptimizerSpec(

@@ -7,7 +7,8 @@ v_t = β2 v_{t-1} + (1 - β2) g_t², with bias correction m̂_t = m_t / (1 - β1
 the update.
 
 So ASM is AdamW with three per-role overrides, and we implement it as exactly that: a subclass of
-``torch.optim.AdamW`` (its fused/foreach kernels included) whose q and k groups get
+``torch.optim.AdamW`` (its fused/foreach kernels included; through :class:`lmopt.optim.adamw.AdamW`, which
+refuses sparse gradients and complex parameters on every implementation) whose q and k groups get
 
     lr × 7/6 (3.5e-4 / 3e-4),   β1 = 0.97,   weight decay 0.
 
@@ -24,9 +25,7 @@ are treated as "other".
 
 from __future__ import annotations
 
-import torch
-
-from lmopt.optim.adamw import impl_flags
+from lmopt.optim.adamw import AdamW, impl_flags
 from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
 
 QK_ROLES = ("attn_q", "attn_k")
@@ -47,7 +46,7 @@ def asm_groups(groups: list[dict], qk_lr_scale: float, qk_beta1: float, lr: floa
     return out
 
 
-class ASM(torch.optim.AdamW):
+class ASM(AdamW):
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, role_overrides: bool = True, qk_lr_scale: float = PAPER_QK_LR_SCALE,
                  qk_beta1: float = PAPER_QK_BETA1, impl: str = "fused") -> None:

@@ -32,11 +32,33 @@ def check_common(lr: float, eps: float, weight_decay: float) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def refuse_sparse_and_complex(owner: str, params: Iterable[Tensor]) -> None:
+    """Raise a clear error if one of ``params`` that has a gradient is complex or has a sparse gradient.
+
+    None of lmopt's updates is defined for them (torch's own for-loop and foreach AdamW would treat a complex
+    tensor as pairs of reals, a reading no paper here gives). ``owner`` names the optimizer in the message."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+        if torch.is_complex(p) or torch.is_complex(p.grad):
+            raise RuntimeError(f"{owner} does not support complex parameters (got {p.dtype}, shape {tuple(p.shape)})")
+
+
 class LmoptOptimizer(Optimizer):
     """Base class: the closure handling and gradient checks of every lmopt optimizer.
 
     Subclasses implement ``_step_group(group)``, or ``_step_groups()`` to step all groups at once.
     """
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups; the implementation
+        # choice goes along, or a copy would fail on its first step
+        state = super().__getstate__()
+        if "impl" in self.__dict__:
+            state["impl"] = self.impl
+        return state
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -56,16 +78,8 @@ class LmoptOptimizer(Optimizer):
 
     def params_with_grad(self, group: dict) -> list[Tensor]:
         """The group's parameters that have a gradient, after checking it is dense and real."""
-        params = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            params.append(p)
-        return params
+        refuse_sparse_and_complex(type(self).__name__, group["params"])
+        return [p for p in group["params"] if p.grad is not None]
 
 
 def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> None:

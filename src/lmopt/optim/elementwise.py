@@ -97,9 +97,11 @@ class ElementwiseOptimizer(LmoptOptimizer):
     # -- the step: every group's tensors in one pass -----------------------------------------------------------
     def _step_groups(self) -> None:
         params, tensors, scalars, constants = [], [], [], []
-        for group in self.param_groups:
+        # every gradient is checked before any state changes, so a refused step leaves the optimizer as it was
+        with_grad = [self.params_with_grad(group) for group in self.param_groups]
+        for group, group_params in zip(self.param_groups, with_grad, strict=True):
             group_constants = self.constants(group)
-            for p in self.params_with_grad(group):
+            for p in group_params:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0

@@ -50,6 +50,17 @@ class MatrixOptimizer(LmoptOptimizer):
                 if bad:
                     raise ValueError(f"{type(self).__name__} matrix groups take 2-D parameters only; got {bad}")
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, plus the ``matrix`` flag that the constructor gives its own groups (a group added later
+        without it is a matrix group when all its tensors are 2-D)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("matrix", all(p.dim() == 2 for p in group["params"]))
+        if group["matrix"] and any(p.dim() != 2 for p in group["params"]):
+            self.param_groups.pop()
+            raise ValueError(f"{type(self).__name__} matrix groups take 2-D parameters only; got "
+                             f"{[tuple(p.shape) for p in group['params']]}")
+
     def _step_group(self, group: dict) -> None:
         params = self.params_with_grad(group)
         if not params:

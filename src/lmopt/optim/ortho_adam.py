@@ -48,6 +48,10 @@ class OrthoAdam(ElementwiseOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed), impl)
         self._rotations: dict[tuple, Tensor] = {}
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_rotations", {})  # a cache, not pickled: rebuilt from the seeds in the state
+
     def _param_index(self, p: Tensor) -> int:
         index = 0
         for group in self.param_groups:
