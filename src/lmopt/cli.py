@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,7 +59,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("pass --resume or --resume-or-start, not both")
     resume = "auto" if args.resume_or_start else args.resume
     summary = train(cfg, resume=resume, overwrite=args.overwrite, log=_log)
-    _print_curve(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one curve, from rank 0
+        _print_curve(summary)
     return 0
 
 

@@ -76,9 +76,11 @@ def test_init_scales_follow_the_documented_scheme():
     assert std["layers.0.mlp.down_proj.weight"] == pytest.approx(0.02 / math.sqrt(2 * cfg.n_layers), rel=0.05)
 
 
-# The sizes the issue names: a nano toy, a ~5M tiny, the papers' 134.4M model, and Qwen3-0.6B.
+# The sizes the issue names: a nano toy, a ~5M tiny, the papers' 134.4M model, and Qwen3-0.6B; the two ladders'
+# rungs as their summaries state them.
 EXPECTED_PARAMS = {"nano": (1.0e6, 2.0e6), "tiny": (4.5e6, 5.5e6), "qwen3-134m": (134.35e6, 134.45e6),
-                   "qwen3-0.6b": (590e6, 610e6)}
+                   "qwen3-0.6b": (590e6, 610e6), "micro": (3.25e6, 3.35e6), "small": (7.95e6, 8.05e6),
+                   "qwen3-44m": (44.5e6, 45.0e6), "qwen3-72m": (71.5e6, 72.0e6)}
 
 
 @pytest.mark.parametrize("name", PRESETS.names())

@@ -1,8 +1,12 @@
-"""Run under torchrun by test_distributed.py: FSDP2 training of the nano preset on 2 CPU processes (gloo)."""
+"""Run under torchrun by test_distributed.py: FSDP2 or DDP training of the nano preset on 2 CPU processes (gloo).
+
+``python dist_worker.py MODE STEPS``; the environment chooses among variants (OPTIMIZER, DIST, GRAD_ACCUM).
+"""
 
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -11,15 +15,20 @@ from lmopt.train import TrainConfig, Trainer, TrainingDiverged
 
 BASE = dict(preset="nano", seq_len=32, batch_tokens=512, eval_interval=100, eval_tokens=2048, log_interval=100,
             ckpt_interval=0, dist="fsdp", threads=1)
-
+RANKS = 2
 
 # Muon's default bf16 Newton-Schulz adds rounding noise that has nothing to do with sharding; the comparison
 # with one process runs it in fp32 so that a tolerance can be stated for the distribution logic itself.
 OPTIONS = {"muon": {"ns_dtype": "float32"}}
+BF16 = ("adamw", "spectra")
 
 
 def quiet(_):
     pass
+
+
+def runs_dir() -> str:
+    return os.environ["LMOPT_RUNS"]
 
 
 def every_optimizer(steps: int) -> None:
@@ -28,8 +37,41 @@ def every_optimizer(steps: int) -> None:
         Trainer(cfg, log=quiet).run()
 
 
+def record_dtypes(model: torch.nn.Module) -> dict:
+    """{module name: [input dtype, output dtype, its own parameters' dtypes]} of each module's first forward."""
+    seen: dict = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if name not in seen:
+                seen[name] = [str(inputs[0].dtype) if inputs and torch.is_tensor(inputs[0]) else None,
+                              str(output.dtype) if torch.is_tensor(output) else None,
+                              sorted({str(p.dtype) for p in module.parameters(recurse=False)})]
+        return record
+
+    for name, module in model.named_modules():
+        module.register_forward_hook(hook(name))
+    return seen
+
+
+def mixed_precision(steps: int) -> None:
+    """bf16 autocast under FSDP2, 2 micro-batches per rank and step (gradients reduced in the second's backward
+    only); rank 0 records the dtypes every module sees."""
+    for name in BF16:
+        cfg = TrainConfig(**dict(BASE, dtype="bf16", grad_accum=2), optimizer=name, optim=OPTIONS.get(name, {}),
+                          steps=steps, run_name=f"fsdp-bf16-{name}")
+        trainer = Trainer(cfg, log=quiet)
+        dtypes = record_dtypes(trainer.model)
+        trainer.run()
+        if trainer.is_main:
+            with open(os.path.join(runs_dir(), f"dtypes-fsdp-{name}.json"), "w") as f:
+                json.dump(dtypes, f)
+
+
 def resume(steps: int) -> None:
-    cfg = dict(BASE, optimizer=os.environ.get("OPTIMIZER", "adamw"), steps=steps, ckpt_interval=steps // 2)
+    """A straight run, and the same run stopped at half-way and resumed (env: OPTIMIZER, DIST, GRAD_ACCUM)."""
+    cfg = dict(BASE, optimizer=os.environ.get("OPTIMIZER", "adamw"), steps=steps, ckpt_interval=steps // 2,
+               dist=os.environ.get("DIST", "fsdp"), grad_accum=int(os.environ.get("GRAD_ACCUM", 0)))
     Trainer(TrainConfig(**cfg, run_name="straight"), log=quiet).run()
     Trainer(TrainConfig(**cfg, run_name="resumed"), log=quiet).run(stop_at=steps // 2)
     Trainer(TrainConfig(**cfg, run_name="resumed"), resume=True, log=quiet).run()
@@ -48,13 +90,32 @@ def nan_on_one_rank(steps: int) -> None:
         outcome = "finished"
     except TrainingDiverged as err:
         outcome = str(err)
-    with open(os.path.join(os.environ["LMOPT_RUNS"], f"nan-rank{rank}.json"), "w") as f:
+    with open(os.path.join(runs_dir(), f"nan-rank{rank}.json"), "w") as f:
         json.dump({"outcome": outcome}, f)
+
+
+def raise_on_one_rank(steps: int) -> None:
+    """Rank 1 raises in the forward of step 2, in the way ``lmopt train`` runs (:meth:`Trainer.run_and_close`);
+    the exception leaves this script, as it leaves the CLI."""
+    rank = int(os.environ["RANK"])
+    cfg = TrainConfig(**dict(BASE, dist=os.environ.get("DIST", "fsdp"), steps=steps, run_name="fail"))
+    trainer = Trainer(cfg, log=quiet)
+
+    def boom(module, inputs, output):
+        if rank == 1 and trainer.step >= 1:
+            with open(os.path.join(runs_dir(), "failed-at"), "w") as f:
+                f.write(str(time.time()))
+            raise RuntimeError("injected failure on rank 1 at step 2")
+        return output
+
+    trainer.model.norm.register_forward_hook(boom)
+    trainer.run_and_close()
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    {"every_optimizer": every_optimizer, "resume": resume, "nan": nan_on_one_rank}[sys.argv[1]](int(sys.argv[2]))
+    {"every_optimizer": every_optimizer, "resume": resume, "nan": nan_on_one_rank, "raise": raise_on_one_rank,
+     "bf16": mixed_precision}[sys.argv[1]](int(sys.argv[2]))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     # Everything the tests check is written by now. Skip the interpreter's teardown: on rare runs a gloo

@@ -128,3 +128,51 @@ def test_spectrum_during_training_changes_nothing_else(runs_dir):
     report = json.loads(files[0].read_text())
     assert set(report["matrices"]) >= {"layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight"}
     assert {"G", "M", "V"} == set(report["matrices"]["layers.1.mlp.up_proj.weight"]["cdf"])
+
+
+def test_micro_batching_settings_and_their_errors():
+    cfg = TrainConfig(seq_len=64, batch_tokens=1024, micro_batch_tokens=256)
+    assert (cfg.micro_batch_size(), cfg.grad_accum_steps()) == (4, 4)
+    assert (cfg.micro_batch_size(2), cfg.grad_accum_steps(2)) == (4, 2)  # micro_batch_tokens is per rank
+    assert TrainConfig(seq_len=64, batch_tokens=1024, micro_batch_tokens=256, grad_accum=4).micro_batch_size() == 4
+    assert TrainConfig(seq_len=64, batch_tokens=1024, grad_accum=2).micro_batch_size() == 8
+    assert TrainConfig(seq_len=64, batch_tokens=1024).micro_batch_size() == 16  # neither set: one micro-batch
+    assert TrainConfig(seq_len=64, batch_tokens=1024).micro_batch_size(auto=4) == 4  # the trainer's choice (GPU)
+    with pytest.raises(ConfigError, match=r"grad_accum \(2\) and micro_batch_tokens \(256\) disagree.*4 micro"):
+        TrainConfig(seq_len=64, batch_tokens=1024, micro_batch_tokens=256, grad_accum=2).validate()
+    with pytest.raises(ConfigError, match="micro_batch_tokens .* must be a multiple of seq_len"):
+        TrainConfig(seq_len=64, batch_tokens=1024, micro_batch_tokens=100).validate()
+    with pytest.raises(ConfigError, match="micro_batch_tokens .* must be a multiple of seq_len"):
+        TrainConfig(seq_len=64, batch_tokens=1024, micro_batch_tokens=384).validate()
+    with pytest.raises(ConfigError, match="must be a multiple of seq_len x grad_accum"):
+        TrainConfig(seq_len=64, batch_tokens=1024, grad_accum=3).validate()
+    with pytest.raises(ConfigError, match="micro_batch_tokens must be non-negative"):
+        TrainConfig(micro_batch_tokens=-64).validate()
+
+
+def test_fingerprint_ignores_how_a_step_is_split_and_keeps_earlier_values():
+    base = TrainConfig(preset="nano", seq_len=64, batch_tokens=2048)
+    assert base.fingerprint() == "ab90b5ee"  # as before micro_batch_tokens existed: earlier runs still resume
+    assert TrainConfig().fingerprint() == "d6abe6c5"
+    for split in ({"grad_accum": 1}, {"grad_accum": 4}, {"micro_batch_tokens": 512},
+                  {"activation_checkpointing": True}, {"peak_flops": 1e12}):
+        assert TrainConfig(**dict(preset="nano", seq_len=64, batch_tokens=2048) | split).fingerprint() == "ab90b5ee"
+
+
+def test_micro_batches_and_recomputation_train_like_one_batch(runs_dir):
+    """The same data per step whatever the split (so resuming with another split is allowed and exact up to
+    summation order); recomputation changes nothing; MFU is reported when the peak FLOP/s is given."""
+    base = dict(NANO, steps=4, ckpt_interval=2, eval_interval=100)
+    Trainer(TrainConfig(**base, run_name="whole"), log=lambda _: None).run()
+    split = Trainer(TrainConfig(**base, micro_batch_tokens=256, activation_checkpointing=True, peak_flops=1e12,
+                                run_name="split"), log=lambda _: None)
+    assert (split.micro_batch, split.grad_accum) == (4, 4)
+    split.run(stop_at=2)
+    lines = []
+    summary = Trainer(TrainConfig(**base | {"log_interval": 1}, grad_accum=2, run_name="split"), resume=True,
+                      log=lines.append).run()
+    torch.testing.assert_close([loss for _, loss in train_losses(runs_dir / "split")],
+                               [loss for _, loss in train_losses(runs_dir / "whole")], rtol=1e-5, atol=0)
+    records = [r for r in read_metrics(runs_dir / "split" / "metrics.jsonl") if r["event"] == "train"]
+    assert records[0]["mfu"] > 0 and "mfu" not in records[-1]  # the resumed session has no peak_flops
+    assert summary["tokens_per_s"] > 0 and any("tok/s" in line and "ETA" in line for line in lines)

@@ -78,7 +78,7 @@ def plan_text(plan: dict) -> str:
     if "core_hours" in plan:
         lines.append(f"  ~{plan['core_hours']:.1f} core-hours ({plan['assumption']}); / --jobs on as many cores")
     for name, estimate in (plan.get("memory") or {}).items():
-        total = estimate.get("total_bytes") if isinstance(estimate, dict) else None
+        total = estimate.get("total") if isinstance(estimate, dict) else None
         if total is not None:
             lines.append(f"  peak memory per device with {name}: {total / 2**30:.1f} GiB")
     return "\n".join(lines)

@@ -2,8 +2,12 @@
 
 FSDP2: each transformer block is sharded as its own unit, then the root (embeddings, final norm; the tied
 output projection shares the embedding), so that a block's parameters are all-gathered just before its
-forward and freed after. Order: blocks first, then the root, as ``fully_shard`` requires. On GPU the mixed
-precision policy computes in bf16 and reduces gradients in fp32.
+forward and freed after. Order: blocks first, then the root, as ``fully_shard`` requires.
+
+Mixed precision is the same in every mode: fp32 weights, gradients and reductions, bf16 matmuls by the
+trainer's ``torch.autocast`` (see docs/distributed.md). So FSDP2 gets no ``MixedPrecisionPolicy``: a policy with
+``param_dtype=bf16`` would also run the norms, the embedding and the residual stream in bf16, and give other
+losses than one process.
 """
 
 from __future__ import annotations
@@ -35,17 +39,27 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def parallelize(model: nn.Module, mode: str, device: torch.device, bf16: bool) -> nn.Module:
+def parallelize(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     """Shard (fsdp) or replicate (ddp) ``model``; returns the module to call for forward passes."""
     if mode == "none":
         return model
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mp_policy": policy} if policy else {}
     for block in model.layers:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block)
+    fully_shard(model)
     return model
+
+
+def gradient_sync(wrapped: nn.Module, mode: str, sync: bool):
+    """A context in which backward does (``sync``) or does not reduce gradients across ranks: DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync``; gradients then accumulate locally until a backward that syncs."""
+    import contextlib
+
+    if mode == "ddp" and not sync:
+        return wrapped.no_sync()
+    if mode == "fsdp":
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()

@@ -15,6 +15,11 @@ Initialisation (seeded, bit-exact for a given seed, independent of the device):
 - an untied head, when configured: as the embedding; all RMSNorm weights: 1.
 Values are drawn on the CPU from one ``torch.Generator`` in ``named_parameters()`` order, then copied to the
 model's device.
+
+Memory (see docs/gpu-memory.md): with targets, the loss is computed by :func:`chunked_cross_entropy`, so the
+(tokens x vocab) logits never exist in fp32 for more than ``loss_chunk_tokens`` tokens at a time, and no logits
+are kept for backward; ``activation_checkpointing`` recomputes each block in backward instead of keeping its
+activations (only the block inputs are kept).
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Tokens whose logits exist at once in the loss: 4096 x 151,936 in fp32 is 2.5 GB, and each chunk's head matmul
+# (4096 x 512 x 151,936 for qwen3-134m) is still large enough to run at full speed.
+LOSS_CHUNK_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -144,25 +154,32 @@ class Qwen3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in backward (saves its activations)
+        self.loss_chunk_tokens = LOSS_CHUNK_TOKENS
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy (fp32) or None."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids.
+
+        Without targets: (logits (B, T, V), None). With targets: (None, mean cross-entropy in fp32); the logits
+        are not returned, as they are never materialised for the whole batch (:func:`chunked_cross_entropy`).
+        """
         T = idx.shape[1]
         if self.config.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = rotary_cos_sin(T, self.config.head_dim, self.config.rope_theta, idx.device)
         x = self.embed_tokens(idx)  # (B, T, d)
         for block in self.layers:
-            x = block(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        if targets is None:
+            return F.linear(x, head), None  # (B, T, V)
+        return None, chunked_cross_entropy(x.flatten(0, 1), head, targets.flatten(), self.loss_chunk_tokens)
 
     # --- initialisation -------------------------------------------------------------------------------------
 
@@ -205,6 +222,63 @@ class Qwen3(nn.Module):
 
     def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float) -> float:
         return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+
+def chunked_cross_entropy(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                          chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of the logits ``x @ headᵀ``: x (N, d), head (V, d), targets (N,).
+
+    Up to ``chunk_tokens`` tokens this is the plain ``F.cross_entropy(logits.float())``. Beyond, the logits are
+    computed ``chunk_tokens`` rows at a time, in forward and again in backward (:class:`_ChunkedCrossEntropy`),
+    in the matmul dtype autocast would use (bf16 under bf16 autocast) with the softmax in fp32, exactly as the
+    plain version; nothing of size N x V is kept for backward.
+    """
+    if x.shape[0] <= chunk_tokens:
+        return F.cross_entropy(F.linear(x, head).float(), targets)
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return _ChunkedCrossEntropy.apply(x, head, targets, chunk_tokens, dtype)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """loss = mean_i (logsumexp(z_i) - z_i[t_i]) with z = x headᵀ; ∂loss/∂z = (softmax(z) - onehot(t)) / N.
+
+    Forward keeps x, head, targets and the N log-sum-exps; backward recomputes each chunk's logits, turns them
+    into ∂loss/∂z in place and accumulates ∂x and ∂head (the head's in fp32) chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        w = head.to(dtype)
+        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for lo in range(0, x.shape[0], chunk):
+            logits = (x[lo:lo + chunk].to(dtype) @ w.mT).float()  # (n, V)
+            total -= logits.gather(1, targets[lo:lo + chunk, None]).sum()
+            top = logits.amax(dim=-1, keepdim=True)
+            lse[lo:lo + chunk] = logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1)  # in place: no copy
+            total += lse[lo:lo + chunk].sum()
+        ctx.save_for_backward(x, head, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, head, targets, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = head.to(dtype)
+        grad_x = torch.empty_like(x)
+        grad_head = torch.zeros_like(head, dtype=torch.float32)
+        scale = grad.float() / x.shape[0]
+        for lo in range(0, x.shape[0], chunk):
+            xc, tc = x[lo:lo + chunk].to(dtype), targets[lo:lo + chunk]
+            dz = (xc @ w.mT).float().sub_(lse[lo:lo + chunk, None]).exp_()  # softmax, (n, V)
+            dz[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+            dz = dz.mul_(scale).to(dtype)
+            grad_x[lo:lo + chunk] = dz @ w
+            grad_head += (dz.mT @ xc).float()
+        return grad_x, grad_head.to(head.dtype), None, None, None
 
 
 def build_model(cfg: Qwen3Config, seed: int, device: str | torch.device = "cpu") -> Qwen3:

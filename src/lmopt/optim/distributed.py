@@ -58,13 +58,17 @@ def replicate_like(t: Tensor, like: Tensor) -> Tensor:
     return DTensor.from_local(t, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
 
 
+ResultSpec = torch.Size | tuple[torch.Size, torch.dtype]
+
+
 def owner_map(inputs: Sequence[Tensor], fn: Callable[[int, Tensor], Sequence[Tensor]],
-              shapes: Callable[[int, Tensor], Sequence[torch.Size]]) -> list[list[Tensor]]:
+              shapes: Callable[[int, Tensor], Sequence[ResultSpec]]) -> list[list[Tensor]]:
     """For each (possibly sharded) matrix ``inputs[i]``, ``fn(i, full matrix)`` computed once, on its owner.
 
-    ``fn`` returns a list of full tensors (e.g. the update and a new basis); ``shapes(i, full)`` gives their
-    shapes so that the other ranks can receive them. Returns, for every i, the list of full results on every
-    rank. Without sharding (or with one rank), ``fn`` runs locally on each matrix.
+    ``fn`` returns a list of full tensors (e.g. the update and a new basis); ``shapes(i, full)`` describes them
+    so that the other ranks can receive them: a shape (the result has the input's dtype) or a (shape, dtype)
+    pair (e.g. an fp32 basis of a bf16 matrix). Returns, for every i, the list of full results on every rank.
+    Without sharding (or with one rank), ``fn`` runs locally on each matrix.
     """
     sharded = [t for t in inputs if is_dtensor(t)]
     if not sharded or dist.get_world_size() == 1:
@@ -78,11 +82,16 @@ def owner_map(inputs: Sequence[Tensor], fn: Callable[[int, Tensor], Sequence[Ten
         if owners[i] == rank:
             outs = [o.contiguous() for o in fn(i, whole)]
         else:
-            outs = [torch.empty(shape, dtype=whole.dtype, device=whole.device) for shape in shapes(i, whole)]
+            outs = [_receive_buffer(spec, whole) for spec in shapes(i, whole)]
         for out in outs:
             dist.broadcast(out, src=dist.get_global_rank(group, owners[i]), group=group)
         results.append(outs)
     return results
+
+
+def _receive_buffer(spec: ResultSpec, like: Tensor) -> Tensor:
+    shape, dtype = (spec, like.dtype) if isinstance(spec, torch.Size) else spec
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def _round_robin(sizes: list[int], world: int) -> list[int]:

@@ -25,6 +25,10 @@ What we build from that, per hidden matrix W (m x n; we work on the orientation 
 The tail is never whitened (unlike Newton–Schulz). Embeddings, head and norms go to AdamW. State per matrix:
 M (m n) and U (r k), i.e. (1 + ~rank_fraction) / 2 of AdamW's two buffers: 0.5075x for the default fraction.
 
+Low-precision parameters (bf16, fp16): M is kept in the parameter's dtype (as Muon's momentum), U in fp32; the
+basis, the spike's coordinates and the shaped update are computed from an fp32 copy of M, and the update is
+rounded to the parameter's dtype once, when it is added.
+
 Our choices where the text is silent: the EMA form of M; the tail scale τ; the initial exact SVD (once per
 matrix, to warm-start); RMS normalisation of the result; decoupled weight decay with the lr.
 """
@@ -129,6 +133,7 @@ class Spectra(MatrixOptimizer):
         def shaped_update(i: int, M: Tensor) -> list[Tensor]:
             """The RMS-normalised shaped momentum and the refreshed basis, from the whole matrix M."""
             state = self.state[params[i]]
+            M = at_least_float32(M)
             wide = M if M.shape[0] <= M.shape[1] else M.mT  # (r, c), r <= c
             basis = state.get("basis")
             if basis is None:
@@ -139,11 +144,11 @@ class Spectra(MatrixOptimizer):
             shaped.mul_(group["rms_target"] / shaped.square().mean().sqrt().clamp(min=1e-30))
             return [shaped if M.shape[0] <= M.shape[1] else shaped.mT, basis]
 
-        def result_shapes(i: int, M: Tensor) -> list[torch.Size]:
-            k = spike_rank(*M.shape, group["rank_fraction"])
-            return [M.shape, torch.Size((min(M.shape), k))]
+        def result_specs(i: int, M: Tensor) -> list[tuple[torch.Size, torch.dtype]]:
+            k, dtype = spike_rank(*M.shape, group["rank_fraction"]), torch.promote_types(M.dtype, torch.float32)
+            return [(M.shape, dtype), (torch.Size((min(M.shape), k)), dtype)]
 
-        for p, (update, basis) in zip(params, owner_map(momenta, shaped_update, result_shapes), strict=True):
+        for p, (update, basis) in zip(params, owner_map(momenta, shaped_update, result_specs), strict=True):
             self.state[p]["basis"] = basis
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(like_shard(update, p), alpha=-group["lr"])
@@ -159,7 +164,7 @@ class Spectra(MatrixOptimizer):
         than ``Uᵀ Mᵀ``): BLAS is up to 4x slower on the transposed operand."""
         for indices in by_shape_indices(momenta):
             states = [self.state[params[i]] for i in indices]
-            M = [momenta[i] for i in indices]
+            M = [at_least_float32(momenta[i]) for i in indices]
             if any("basis" not in state for state in states):  # first step: exact top-k, batched
                 wides = torch.stack([m if _is_wide(m) else m.mT for m in M])
                 k = spike_rank(*M[0].shape, group["rank_fraction"])
@@ -187,11 +192,20 @@ class Spectra(MatrixOptimizer):
         left = torch.stack(bases) @ (operator * step_scale.view(-1, 1, 1))  # (b, r, k): step_scale U K
         decay = 1 - group["lr"] * group["weight_decay"]
         for j, p in enumerate(params):
-            if _is_wide(p):
+            if p.dtype != M[j].dtype:  # low precision: the fp32 update, rounded once when added
+                update = left[j] @ coords[j] if _is_wide(p) else coords[j].mT @ left[j].mT
+                p.mul_(decay).add_(update.addcmul_(M[j], step_scale[j]))
+            elif _is_wide(p):
                 p.addmm_(left[j], coords[j], beta=decay)  # p <- decay p + step_scale U K C
+                p.addcmul_(M[j], step_scale[j])
             else:
                 p.addmm_(coords[j].mT, left[j].mT, beta=decay)
-            p.addcmul_(M[j], step_scale[j])
+                p.addcmul_(M[j], step_scale[j])
+
+
+def at_least_float32(M: Tensor) -> Tensor:
+    """M, or an fp32 copy of a bf16/fp16 M: the subspace and shaping arithmetic needs fp32."""
+    return M.to(torch.promote_types(M.dtype, torch.float32))
 
 
 def _is_wide(M: Tensor) -> bool:

@@ -2,11 +2,12 @@
 
 Layout of ``<run>/checkpoints/step_00000100/``:
 
-    model.safetensors   the model's parameters (safetensors)                      single process
+    model.safetensors   the model's parameters (safetensors)                      single process and DDP
     optimizer.pt        optimizer and lr-scheduler state_dicts (tensors and plain values: weights_only load)
     dcp/                model and optimizer state, sharded, by torch.distributed.checkpoint   FSDP2 runs
                         (optimizer.pt then holds only the scheduler)
-    rng.pt              torch CPU (and CUDA) RNG states
+    rng.pt              torch CPU RNG state (and the writing process's CUDA device's: a resume on fewer GPUs
+                        restores it to its own device)
     trainer.json        step, tokens seen, data-loader position, config fingerprint
     manifest.json       size and SHA-256 of every file above, written last
 
@@ -182,7 +183,8 @@ def load_checkpoint(
         set_optimizer_state_dict(model, optimizer, state["optim"])
     else:
         if any(hasattr(p, "full_tensor") for p in model.parameters()):
-            raise ValueError(f"{path} is a single-process checkpoint; resume it without torchrun")
+            raise ValueError(f"{path} is a single-process (or DDP) checkpoint; resume it in one process or with "
+                             "--dist ddp, not under FSDP2")
         model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
     states = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     if "optimizer" in states:

@@ -59,8 +59,14 @@ class TrainConfig:
     """tokens per sequence"""
     batch_tokens: int = 4096
     """tokens per optimizer step, over all ranks and accumulation steps"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step"""
+    grad_accum: int = 0
+    """micro-batches per optimizer step; 0: derived from micro_batch_tokens (1 if that is 0 too, except on CUDA)"""
+    micro_batch_tokens: int = 0
+    """tokens per forward pass on one rank; 0: batch_tokens / (grad_accum x ranks), or with grad_accum 0 on CUDA
+    the largest micro-batch that fits the GPU's memory (lmopt.train.memory)"""
+    activation_checkpointing: bool = False
+    """recompute each transformer block in backward instead of keeping its activations (less memory, ~1/3 more
+    compute)"""
     steps: int = 0
     """optimizer steps; 0: total_tokens / batch_tokens"""
     total_tokens: int = 1_228_800
@@ -91,6 +97,8 @@ class TrainConfig:
     """auto (FSDP2 under torchrun with several processes) | none | fsdp | ddp"""
     threads: int = 0
     """CPU threads for torch (0: torch's default); results can differ in the last bits across thread counts"""
+    peak_flops: float = 0.0
+    """the device's peak FLOP/s for MFU (per rank); 0: from lmopt.train.memory's table of known GPUs (bf16 dense)"""
     spectrum_interval: int = 0
     """every this many steps, measure gradient spectra (layers 0 and -1) into <run>/spectrum/; 0: never"""
     spectrum_micro_batches: int = 8
@@ -151,10 +159,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A hash of everything that affects the result (not the run's name or logging cadence)."""
+        """A hash of everything that affects the result (not the run's name or logging cadence).
+
+        How a step's batch is split (ranks, micro-batches, recomputation) changes only the summation order, not
+        the data or the update, so it is left out like ``dist``; ``grad_accum`` hashes as 1, its value before it
+        could be derived, so that earlier runs keep their fingerprint (and their checkpoints resume).
+        """
         cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads", "dist",
-                    "spectrum_interval", "spectrum_micro_batches"}
-        content = {k: v for k, v in self.to_dict().items() if k not in cosmetic}
+                    "spectrum_interval", "spectrum_micro_batches", "micro_batch_tokens", "activation_checkpointing",
+                    "peak_flops"}
+        content = {k: v for k, v in self.to_dict().items() if k not in cosmetic} | {"grad_accum": 1}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:
@@ -167,15 +181,47 @@ class TrainConfig:
     def num_steps(self) -> int:
         return self.steps or self.total_tokens // self.batch_tokens
 
-    def micro_batch_size(self, world_size: int = 1) -> int:
-        """Sequences per forward pass on one rank."""
-        per_micro = self.seq_len * self.grad_accum * world_size
-        if self.batch_tokens % per_micro:
+    def rank_sequences(self, world_size: int = 1) -> int:
+        """Sequences per optimizer step on one rank (all its micro-batches)."""
+        per_step = self.seq_len * world_size
+        if self.batch_tokens % per_step:
+            raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len x ranks "
+                              f"({self.seq_len} x {world_size} = {per_step})")
+        return self.batch_tokens // per_step
+
+    def auto_micro_batch(self) -> bool:
+        """Whether the micro-batch is left to the trainer (neither grad_accum nor micro_batch_tokens given)."""
+        return self.grad_accum == 0 and self.micro_batch_tokens == 0
+
+    def micro_batch_size(self, world_size: int = 1, auto: int | None = None) -> int:
+        """Sequences per forward pass on one rank; ``auto``: the trainer's choice when :meth:`auto_micro_batch`."""
+        sequences = self.rank_sequences(world_size)
+        if self.micro_batch_tokens:
+            if self.micro_batch_tokens % self.seq_len or sequences % (self.micro_batch_tokens // self.seq_len):
+                raise ConfigError(
+                    f"micro_batch_tokens ({self.micro_batch_tokens}) must be a multiple of seq_len ({self.seq_len}) "
+                    f"that divides each rank's batch_tokens / ranks ({self.batch_tokens} / {world_size})")
+            micro = self.micro_batch_tokens // self.seq_len
+            if self.grad_accum and self.grad_accum != sequences // micro:
+                raise ConfigError(
+                    f"grad_accum ({self.grad_accum}) and micro_batch_tokens ({self.micro_batch_tokens}) disagree: "
+                    f"batch_tokens {self.batch_tokens} / ({self.micro_batch_tokens} x {world_size} ranks) = "
+                    f"{sequences // micro} micro-batches; give one of the two")
+            return micro
+        accum = self.grad_accum or 1
+        if not self.grad_accum and auto is not None:
+            return auto
+        if sequences % accum:
+            per_micro = self.seq_len * accum * world_size
             raise ConfigError(
                 f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len x grad_accum x ranks "
-                f"({self.seq_len} x {self.grad_accum} x {world_size} = {per_micro})"
+                f"({self.seq_len} x {accum} x {world_size} = {per_micro})"
             )
-        return self.batch_tokens // per_micro
+        return sequences // accum
+
+    def grad_accum_steps(self, world_size: int = 1, auto: int | None = None) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        return self.rank_sequences(world_size) // self.micro_batch_size(world_size, auto)
 
     def validate(self, world_size: int = 1) -> TrainConfig:
         """Check every name and number; raise :class:`ConfigError` or an ``UnknownNameError``."""
@@ -191,17 +237,17 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("dist", self.dist, ("auto", "none", "fsdp", "ddp"))
-        positive = ("seq_len", "batch_tokens", "grad_accum", "eval_interval", "eval_tokens", "log_interval",
-                    "keep_checkpoints")
+        positive = ("seq_len", "batch_tokens", "eval_interval", "eval_tokens", "log_interval", "keep_checkpoints")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed", "threads"):
+        for key in ("lr", "weight_decay", "grad_clip", "steps", "total_tokens", "ckpt_interval", "seed", "threads",
+                    "grad_accum", "micro_batch_tokens", "peak_flops"):
             if getattr(self, key) is not None and getattr(self, key) < 0:  # (a NaN passes here; caught below)
                 raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
         if self.spectrum_interval < 0 or self.spectrum_micro_batches < 2:
             raise ConfigError("spectrum_interval must be >= 0 and spectrum_micro_batches >= 2")
-        for key in ("lr", "weight_decay", "grad_clip", "warmup_frac", "min_lr_ratio", "decay_frac"):
+        for key in ("lr", "weight_decay", "grad_clip", "warmup_frac", "min_lr_ratio", "decay_frac", "peak_flops"):
             value = getattr(self, key)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, got {value}")

@@ -1,7 +1,11 @@
-"""The training loop: one process on CPU or GPU.
+"""The training loop: one process on CPU or GPU, or one rank of a DDP / FSDP2 job under torchrun.
 
 A run lives in ``$LMOPT_RUNS/<run_name>/``: ``config.json`` (the resolved config and the environment that
 ran it), ``metrics.jsonl`` (see :mod:`lmopt.train.metrics`), ``summary.json`` and ``checkpoints/``.
+
+Mixed precision (``dtype`` bf16, the default on GPU) is the same in every mode: fp32 weights, gradients,
+optimizer state and gradient reductions; ``torch.autocast`` runs the matmuls (and attention) in bf16, while the
+embedding, the RMSNorms, the residual stream and the softmax of the loss stay fp32.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import lmopt
 from lmopt.data import BatchLoader, eval_batches, load_prepared
 from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.model import build_model, get_preset
-from lmopt.model.parallelize import init_distributed, parallelize, resolve_mode, world_from_env
+from lmopt.model.parallelize import gradient_sync, init_distributed, parallelize, resolve_mode, world_from_env
 from lmopt.optim import build
 from lmopt.registry import OPTIMIZERS
 from lmopt.train.checkpoint import (
@@ -34,6 +38,7 @@ from lmopt.train.checkpoint import (
     verify_checkpoint,
 )
 from lmopt.train.config import ConfigError, TrainConfig
+from lmopt.train.memory import auto_micro_batch, peak_flops
 from lmopt.train.metrics import MetricsWriter, NullMetrics, read_metrics
 from lmopt.train.rundir import (
     RunLock,
@@ -97,6 +102,8 @@ class Trainer:
             init_distributed(self.device)
             if cfg.spectrum_interval:
                 raise ConfigError("spectrum_interval is single-process only; use `lmopt spectrum` on a checkpoint")
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (outside autocast)
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.total_steps = cfg.num_steps()
@@ -105,16 +112,16 @@ class Trainer:
         checkpoint = self._plan_run_dir(resume, overwrite)
 
         # Build everything (and fail on bad names or options) before anything is written or deleted.
-        self.data = load_prepared(cfg.data, cfg.resolved_tokenizer())
+        self.data = self._load_data()
         preset = get_preset(cfg.preset)
         if self.data.vocab_size > preset.config.vocab_size:
             raise ConfigError(f"data {cfg.data!r} has vocabulary {self.data.vocab_size} > the preset's "
                               f"{preset.config.vocab_size}")
         self.model = build_model(preset.config, seed=cfg.seed, device=self.device)  # identical on every rank
-        wrapped = parallelize(self.model, self.mode, self.device, self.autocast_dtype is not None)
-        if self.mode == "fsdp":
-            self.autocast_dtype = None  # FSDP2's mixed-precision policy casts instead
-        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        self.model.activation_checkpointing = cfg.activation_checkpointing
+        self.micro_batch, self.grad_accum = self._micro_batching()
+        self.wrapped = parallelize(self.model, self.mode, self.device)
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         optim_options = dict(cfg.optim)
         if cfg.compile and "compiled" in OPTIMIZERS.get(cfg.optimizer).impls:
             optim_options.setdefault("impl", "compiled")
@@ -125,8 +132,14 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac),
         )
-        self.loader = BatchLoader(self.data.train, cfg.seq_len, cfg.micro_batch_size(self.world_size), seed=cfg.seed,
+        # one step's sequences of this rank at a time, cut into micro-batches by train_step: the data of a step
+        # depends neither on the number of ranks nor on the micro-batch size
+        self.loader = BatchLoader(self.data.train, cfg.seq_len, cfg.rank_sequences(self.world_size), seed=cfg.seed,
                                   rank=self.rank, world_size=self.world_size)
+        self.peak_flops = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(self.device))
+                                             if self.device.type == "cuda" else None)
+        self._session_steps, self._session_seconds = 0, 0.0
+        self._session_step_times: list[float] = []  # without the compilation step
         self.step, self.tokens = 0, 0
         self.val_history: list[tuple[int, int, float]] = []
         self.resumed_from: Path | None = None
@@ -152,6 +165,30 @@ class Trainer:
             raise
 
     # --- set-up ---------------------------------------------------------------------------------------------
+
+    def _load_data(self):
+        """The prepared data; under torchrun rank 0 prepares (if needed) and checks the shards' SHA-256 first,
+        then the other ranks open them unchecked (one preparation, one check per job)."""
+        cfg = self.cfg
+        if self.mode == "none":
+            return load_prepared(cfg.data, cfg.resolved_tokenizer())
+        data = load_prepared(cfg.data, cfg.resolved_tokenizer()) if self.is_main else None
+        self._barrier()
+        return data if self.is_main else load_prepared(cfg.data, cfg.resolved_tokenizer(), auto_prepare=False,
+                                                       verify=False)
+
+    def _micro_batching(self) -> tuple[int, int]:
+        """(sequences per forward pass, micro-batches per step) on this rank; the micro-batch is chosen from
+        the GPU's memory when neither grad_accum nor micro_batch_tokens is set (lmopt.train.memory)."""
+        cfg, auto = self.cfg, None
+        if cfg.auto_micro_batch() and self.device.type == "cuda":
+            dtype = "bf16" if self.autocast_dtype is not None else "fp32"
+            auto = auto_micro_batch(cfg.preset, cfg.seq_len, cfg.rank_sequences(self.world_size), cfg.optimizer,
+                                    dtype, cfg.activation_checkpointing,
+                                    torch.cuda.get_device_properties(self.device).total_memory,
+                                    fsdp_ranks=self.world_size if self.mode == "fsdp" else 1)
+        micro = cfg.micro_batch_size(self.world_size, auto)
+        return micro, cfg.rank_sequences(self.world_size) // micro
 
     def _plan_run_dir(self, resume: bool | str, overwrite: bool) -> Path | None:
         """The checkpoint to resume from (None: start afresh), after checking the folder allows it.
@@ -232,7 +269,8 @@ class Trainer:
             "resolved": {
                 "tokenizer": self.cfg.resolved_tokenizer(),
                 "steps": self.total_steps,
-                "micro_batch_size": self.cfg.micro_batch_size(self.world_size),
+                "micro_batch_size": self.micro_batch,
+                "grad_accum": self.grad_accum,
                 "world_size": self.world_size,
                 "dist": self.mode,
                 "params": self.model.num_params(),
@@ -247,6 +285,7 @@ class Trainer:
                 "torch": torch.__version__,
                 "device": str(self.device),
                 "device_name": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor(),
+                "peak_flops": self.peak_flops,
                 "threads": torch.get_num_threads(),
                 "python": platform.python_version(),
             },
@@ -266,10 +305,10 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x sequences, sequences)
-        for x, y in eval_batches(self.data.val, self.cfg.seq_len, self.cfg.micro_batch_size(self.world_size),
-                                 self.cfg.eval_tokens, self.rank, self.world_size):
+        for x, y in eval_batches(self.data.val, self.cfg.seq_len, self.micro_batch, self.cfg.eval_tokens, self.rank,
+                                 self.world_size):
             with self._autocast():
-                _, loss = self.forward(x.to(self.device), y.to(self.device))
+                _, loss = self.forward(self._to_device(x), self._to_device(y))
             sums += torch.stack([loss.detach().double() * x.shape[0], torch.tensor(x.shape[0], device=self.device)])
         self.model.train()
         sums = self._all_reduce(sums)
@@ -290,15 +329,25 @@ class Trainer:
 
             dist.barrier()
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy overlaps with compute
+
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm) before the update."""
-        accum = self.cfg.grad_accum
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm) before the update.
+
+        Gradients are reduced across ranks only in the last micro-batch's backward."""
+        accum = self.grad_accum
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            x, y = self.loader.next_batch()
-            with self._autocast():
-                _, loss = self.forward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            (loss / accum).backward()
+        inputs, targets = self.loader.next_batch()  # this rank's sequences of the step
+        for i in range(accum):
+            lo, hi = i * self.micro_batch, (i + 1) * self.micro_batch
+            x, y = self._to_device(inputs[lo:hi]), self._to_device(targets[lo:hi])
+            with gradient_sync(self.wrapped, self.mode, sync=i == accum - 1):
+                with self._autocast():
+                    _, loss = self.forward(x, y)
+                (loss / accum).backward()
             loss_sum += loss.detach()
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -381,48 +430,76 @@ class Trainer:
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
                         keep=self.cfg.keep_checkpoints, distributed=self.mode == "fsdp")
 
-    def run(self, stop_at: int | None = None) -> dict:
-        """Train to the end (or, with ``stop_at``, to that step, checkpointing there); returns the summary."""
-        cfg = self.cfg
-        last_step = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
-        resolved = self.run_info["resolved"]
+    def _log_header(self) -> None:
+        cfg, resolved = self.cfg, self.run_info["resolved"]
         self.log(f"run {self.run_dir}")
         lr = self.optimizer.param_groups[0].get("initial_lr", self.optimizer.param_groups[0]["lr"])
         self.log(f"model {cfg.preset}: {resolved['params']:,} params ({resolved['non_embedding_params']:,} "
                  f"non-embedding) | optimizer {cfg.optimizer} lr {lr:g} | device {self.device}")
         self.log(f"data {cfg.data}.{resolved['tokenizer']}: {resolved['train_tokens_available']:,} train tokens; "
-                 f"{self.total_steps} steps x {cfg.batch_tokens:,} tokens = {resolved['epochs']:.2f} epochs")
+                 f"{self.total_steps} steps x {cfg.batch_tokens:,} tokens = {resolved['epochs']:.2f} epochs "
+                 f"({self.grad_accum} x {self.micro_batch} sequences per rank and step, {self.world_size} rank(s))")
         if self.resumed_from:
             self.log(f"resumed from {self.resumed_from} at step {self.step}")
+
+    def _throughput(self, seconds_per_step: float) -> dict:
+        """tokens/s; MFU (model FLOPs, recomputation not counted) when the peak is known; peak GPU memory."""
+        tokens_per_s = self.cfg.batch_tokens / seconds_per_step
+        out = {"tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            out["mfu"] = self.model.estimate_mfu(tokens_per_s / self.world_size, self.cfg.seq_len, self.peak_flops)
+        if self.device.type == "cuda":
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
+
+    def _timed_step(self, start: float) -> None:
+        """One training step, its metrics record and (every log_interval) the progress line. With compile on,
+        the session's first step compiles: it is recorded (``compile``: true) but left out of every rate."""
+        cfg = self.cfg
+        compiling = cfg.compile and self._session_steps == 0
+        t0 = time.perf_counter()
+        loss, grad_norm = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.step, self.tokens = self.step + 1, self.tokens + cfg.batch_tokens
+        self._session_steps, self._session_seconds = self._session_steps + 1, self._session_seconds + dt
+        if not compiling:
+            self._session_step_times.append(dt)
+        lr = self.scheduler.get_last_lr()[0]
+        self.metrics.write("train", step=self.step, tokens=self.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
+                           step_time=dt, **self._throughput(dt), elapsed=time.time() - start,
+                           **({"compile": True} if compiling else {}))
+        if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+            line = f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f}"
+            if self._session_step_times:
+                mean = sum(self._session_step_times) / len(self._session_step_times)
+                rates = self._throughput(mean)
+                line += f" | {rates['tokens_per_s']:,.0f} tok/s | {1 / mean:.2f} steps/s"
+                line += f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else ""
+                line += f" | mem {rates['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in rates else ""
+                line += f" | ETA {format_duration((self.total_steps - self.step) * mean)}"
+            else:
+                line += " | compiling (not timed)"
+            self.log(line)
+
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train to the end (or, with ``stop_at``, to that step, checkpointing there); returns the summary."""
+        cfg = self.cfg
+        last_step = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        self._log_header()
         if self.step == 0:
             self._record_eval()
-        start, timed_steps, timed_seconds = time.time(), 0, 0.0
+        start = time.time()
         while self.step < last_step:
-            t0 = time.perf_counter()
-            loss, grad_norm = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            self.step += 1
-            self.tokens += cfg.batch_tokens
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
-            rate = timed_steps / timed_seconds
-            lr = self.scheduler.get_last_lr()[0]
-            self.metrics.write("train", step=self.step, tokens=self.tokens, train_loss=loss, lr=lr,
-                               grad_norm=grad_norm, step_time=dt, tokens_per_s=cfg.batch_tokens / dt,
-                               elapsed=time.time() - start)
-            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
-                eta = (self.total_steps - self.step) / rate
-                self.log(f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                         f"gnorm {grad_norm:.3f} | {rate * cfg.batch_tokens:,.0f} tok/s | {rate:.2f} steps/s | "
-                         f"ETA {format_duration(eta)}")
+            self._timed_step(start)
             if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self._record_eval()
             if cfg.spectrum_interval and self.step % cfg.spectrum_interval == 0:
                 self._record_spectrum()
             if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == last_step:
                 self._save()
-        summary = self.summary(timed_seconds) | {"complete": self.step >= self.total_steps}
+        summary = self.summary(self._session_seconds) | {"complete": self.step >= self.total_steps}
         if summary["complete"] and self.is_main:
             self.metrics.write("end", **summary)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -430,26 +507,51 @@ class Trainer:
         self._release_run_dir()
         return summary
 
+    def run_and_close(self) -> dict:
+        """:meth:`run` to the end, then :meth:`close`; after a failure, close without waiting for other ranks."""
+        try:
+            summary = self.run()
+        except TrainingDiverged:
+            raise  # already closed collectively
+        except BaseException:
+            self.close(failed=True)
+            raise
+        self.close()
+        return summary
+
     def close(self, failed: bool = False) -> None:
         """Release the run and leave the process group (the trainer that joined it).
 
         After a failure on this rank (``failed``) there is no barrier: the other ranks may be inside a collective
-        that this one will never join, and waiting for them would hang the job. The process then exits with an
-        error and torchrun stops the other ranks.
+        that this one will never join, and waiting for them would hang the job. NCCL's communicators are aborted
+        (so that nothing in this process waits for the other ranks either); the process then exits with the
+        error, and torchrun stops the other ranks at once. gloo needs no abort: its peers see the connection
+        close and fail too.
         """
         self._release_run_dir()
-        if self.mode != "none":
-            import torch.distributed as dist
+        if self.mode == "none":
+            return
+        import torch.distributed as dist
 
-            if dist.is_initialized() and not failed:
-                dist.barrier()  # every rank reaches the end (or the same diverged step) before teardown
-                dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        if failed:
+            if dist.get_backend() == "nccl":
+                with contextlib.suppress(Exception):  # experimental API; the process exits next in any case
+                    dist.distributed_c10d._abort_process_group()
+            return
+        dist.barrier()  # every rank reaches the end (or the same diverged step) before teardown
+        dist.destroy_process_group()
 
     def summary(self, seconds: float) -> dict:
+        """The run's results; the median step time is over the whole run on rank 0 (from its metrics file,
+        resumed sessions included) and over this session elsewhere, compilation steps left out."""
         first, final = self.val_history[0][2], self.val_history[-1][2]
-        metrics = read_metrics(self.run_dir / "metrics.jsonl") if self.is_main else []
-        train = [r for r in metrics if r["event"] == "train"]
-        step_times = sorted(r["step_time"] for r in train)
+        if self.is_main:
+            records = read_metrics(self.run_dir / "metrics.jsonl")
+            step_times = sorted(r["step_time"] for r in records if r["event"] == "train" and not r.get("compile"))
+        else:
+            step_times = sorted(self._session_step_times)
         median = step_times[len(step_times) // 2] if step_times else float("nan")
         return {
             "run": self.run_dir.name,
@@ -461,19 +563,11 @@ class Trainer:
             "val_curve": [list(v) for v in self.val_history],
             "median_step_time": median,
             "tokens_per_s": self.cfg.batch_tokens / median if step_times else float("nan"),
+            **({k: v for k, v in self._throughput(median).items() if k != "tokens_per_s"} if step_times else {}),
             "train_seconds_this_session": seconds,
         }
 
 
 def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> dict:
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, log=log)
-    try:
-        summary = trainer.run()
-    except TrainingDiverged:
-        raise  # already closed collectively
-    except BaseException:
-        trainer.close(failed=True)
-        raise
-    trainer.close()
-    return summary
+    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log).run_and_close()

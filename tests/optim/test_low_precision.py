@@ -1,0 +1,86 @@
+"""Every registered optimizer on bf16 and fp16 parameters (a model after ``.bfloat16()`` / ``.half()``).
+
+A few steps of the nano model on one fixed batch must keep the parameters' dtype and give finite losses that fall.
+
+fp16: the Adam-type optimizers keep their moments in the parameter's dtype, and in fp16 the second moment of
+most entries underflows (g² < 6e-8, the smallest fp16 subnormal: 1.24M of nano's 1.54M entries are 0 after the
+first step while g is not) and eps = 1e-8 rounds to 0, so m / (sqrt(v) + eps) blows up. The same update with
+fp32 moments trains as in bf16 (checked by hand: 9.016 -> 4.90 in 6 steps). Muon's and Spectra's own matrix
+updates are fine in fp16 (``test_matrix_updates_in_fp16``); their AdamW part for the embedding is not. Those
+cases are strict xfails until the moments are kept in fp32 for low-precision parameters (lmopt.optim.common's
+``adamw_step_`` and the element-wise optimizers' ``init_state``); a fix turns them into failures (XPASS), as a
+reminder to drop the mark.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lmopt.model import build_model, get_preset
+from lmopt.optim import Muon, Spectra, build
+from lmopt.registry import OPTIMIZERS
+
+STEPS = 6
+FP16_STATE_UNDERFLOWS = {"adamw", "lamb", "stable-adamw", "ortho-adam", "muon", "asm", "asa", "msam", "amcs",
+                         "spectra"}
+
+
+def losses_on_one_batch(model: torch.nn.Module, step, steps: int = STEPS) -> list[float]:
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
+    out = []
+    for _ in range(steps):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        step()
+        model.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return out
+
+
+def assert_trains(losses: list[float], model: torch.nn.Module, dtype: torch.dtype) -> None:
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert max(losses) <= losses[0] + 1e-3, losses
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def case(name: str, dtype: torch.dtype):
+    case_id = f"{name}-{str(dtype).removeprefix('torch.')}"
+    if dtype == torch.float16 and name in FP16_STATE_UNDERFLOWS:
+        return pytest.param(name, dtype, id=case_id, marks=pytest.mark.xfail(
+            strict=True, reason="Adam-type moments kept in fp16 underflow (see the module docstring)"))
+    return pytest.param(name, dtype, id=case_id)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [case(n, d) for d in (torch.bfloat16, torch.float16)
+                                             for n in OPTIMIZERS.names()])
+def test_every_optimizer_steps_on_low_precision_parameters(name, dtype):
+    model = build_model(get_preset("nano").config, seed=0).to(dtype)
+    optimizer = build(name, model, total_steps=10)
+    assert_trains(losses_on_one_batch(model, optimizer.step), model, dtype)
+
+
+@pytest.mark.parametrize("impl", ["batched", "per-matrix"])
+def test_spectra_keeps_an_fp32_basis_and_tracks_fp32_on_bf16(impl):
+    """bf16 parameters: the basis stays fp32, the momentum bf16, and the losses follow an fp32 model's."""
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(get_preset("nano").config, seed=0).to(dtype)
+        optimizer = build("spectra", model, impl=impl, refresh_interval=2, total_steps=10)
+        runs[dtype] = losses_on_one_batch(model, optimizer.step, 4)
+        bases = [s["basis"] for s in optimizer.state.values() if "basis" in s]
+        assert bases and all(b.dtype == torch.float32 for b in bases)
+        assert all(s["momentum_buffer"].dtype == dtype for s in optimizer.state.values() if "momentum_buffer" in s)
+    torch.testing.assert_close(runs[torch.bfloat16], runs[torch.float32], rtol=0.02, atol=0)
+
+
+@pytest.mark.parametrize("cls", [Muon, Spectra])
+def test_matrix_updates_in_fp16(cls):
+    """Muon's and Spectra's own updates (hidden matrices only, no AdamW part) train fp16 parameters."""
+    model = build_model(get_preset("nano").config, seed=0).half()
+    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed")]
+    optimizer = cls(matrices, lr=0.02)
+    assert_trains(losses_on_one_batch(model, optimizer.step, 8), model, torch.float16)
