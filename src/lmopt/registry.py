@@ -47,6 +47,7 @@ class Registry(Generic[T]):
         self.plural = plural or kind + "s"
         self._entries: dict[str, Entry[T]] = {}
         self.resolver: Callable[[str, str], T] | None = None  # (reference, name) -> value
+        self._references: dict[str, Entry[T]] = {}  # resolved package.module:Name references (not in names())
         self._populated = False
 
     def register(self, name: str, value: T, summary: str = "") -> T:
@@ -61,8 +62,9 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Entry[T]:
         self._populate()
         if name not in self._entries and ":" in name and self.resolver is not None:
-            value = self.resolver(name, name)
-            self._entries.setdefault(name, Entry(name, value, f"user {self.kind} {name}"))
+            if name not in self._references:  # resolved once, kept apart from the registered names
+                self._references[name] = Entry(name, self.resolver(name, name), f"user {self.kind} {name}")
+            return self._references[name]
         try:
             return self._entries[name]
         except KeyError:
