@@ -200,3 +200,12 @@ def test_gpu_jobs_get_disjoint_devices_and_the_dry_run_counts_the_protocol(monke
     per_optimizer = suite.tuning_budget * 2000 + len(suite.seeds) * (500 + 1000 + 2000)
     assert plan["runs"] == 11 * (12 + 5 * 3) and plan["tokens"] == 11 * per_optimizer * 262144
     assert plan["gpu_hours"] > 0
+
+
+@pytest.mark.parametrize("name", SUITES.names())
+def test_every_suite_has_a_dry_run_plan(name):
+    from lmopt.bench.plan import plan_text, suite_plan
+
+    suite = SUITES.get(name)
+    plan = suite_plan(suite, list(suite.optimizers))
+    assert plan["runs"] > 0 and plan["memory"] and "suite" in plan_text(plan)

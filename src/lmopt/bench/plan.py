@@ -64,8 +64,10 @@ def _memory(suite: Suite) -> dict | None:
         from lmopt.train.memory import estimate_memory
     except ImportError:
         return None
-    sequences = suite.batch_tokens // (suite.seq_len * suite.grad_accum)
-    return {name: estimate_memory(suite.preset, suite.seq_len, sequences, name, suite.dtype, False)
+    sequences = suite.batch_tokens // (suite.seq_len * max(suite.grad_accum, 1))
+    # "auto" resolves as the trainer does: bf16 autocast on a GPU, fp32 elsewhere.
+    dtype = suite.dtype if suite.dtype != "auto" else ("bf16" if suite.device == "cuda" else "fp32")
+    return {name: estimate_memory(suite.preset, suite.seq_len, sequences, name, dtype, False)
             for name in ("adamw", "muon", "spectra")}
 
 
