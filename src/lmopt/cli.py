@@ -58,7 +58,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.resume_or_start:
         raise ValueError("pass --resume or --resume-or-start, not both")
     resume = "auto" if args.resume_or_start else args.resume
-    summary = train(cfg, resume=resume, overwrite=args.overwrite, log=_log)
+    callbacks = []
+    if cfg.spectrum_interval:
+        from lmopt.analysis.collect import SpectrumRecorder
+
+        callbacks.append(SpectrumRecorder())
+    summary = train(cfg, resume=resume, overwrite=args.overwrite, log=print, callbacks=callbacks)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one curve, from rank 0
         _print_curve(summary)
     return 0

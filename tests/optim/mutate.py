@@ -38,6 +38,13 @@ def _apply(spec: str) -> None:
     exec(compile("\n".join(lines), f"<mutant of {module_name}.{qualname}>", "exec"), namespace)
     mutant = namespace[function.__name__]
     setattr(owner, attr, staticmethod(mutant) if static else mutant)
+    import sys
+
+    for name, other in list(sys.modules.items()):  # modules that imported the function by name use the mutant
+        if name.startswith("lmopt.") and other is not module:
+            for key, value in list(vars(other).items()):
+                if value is function:
+                    setattr(other, key, mutant)
     from lmopt.registry import OPTIMIZERS
 
     for entry in list(OPTIMIZERS.entries()):  # the registry holds builder functions themselves

@@ -2,14 +2,11 @@
 
 A few steps of the nano model on one fixed batch must keep the parameters' dtype and give finite losses that fall.
 
-fp16: the Adam-type optimizers keep their moments in the parameter's dtype, and in fp16 the second moment of
-most entries underflows (g² < 6e-8, the smallest fp16 subnormal: 1.24M of nano's 1.54M entries are 0 after the
-first step while g is not) and eps = 1e-8 rounds to 0, so m / (sqrt(v) + eps) blows up. The same update with
-fp32 moments trains as in bf16 (checked by hand: 9.016 -> 4.90 in 6 steps). Muon's and Spectra's own matrix
-updates are fine in fp16 (``test_matrix_updates_in_fp16``); their AdamW part for the embedding is not. Those
-cases are strict xfails until the moments are kept in fp32 for low-precision parameters (lmopt.optim.common's
-``adamw_step_`` and the element-wise optimizers' ``init_state``); a fix turns them into failures (XPASS), as a
-reminder to drop the mark.
+fp16: Adam-type moments kept in fp16 underflow (g² < 6e-8, the smallest fp16 subnormal: 1.24M of nano's 1.54M
+entries were 0 after the first step while g was not) and eps = 1e-8 rounds to 0, so m / (sqrt(v) + eps) blows
+up; torch's own AdamW does this. lmopt keeps the moments of fp16 parameters in fp32 and updates them through an
+fp32 copy (lmopt.optim.common.state_dtype): :func:`test_fp16_parameters_get_fp32_moments` checks the state, and
+the training test below runs every optimizer on fp16 parameters.
 """
 
 import math
@@ -22,8 +19,6 @@ from lmopt.optim import Muon, Spectra, build
 from lmopt.registry import OPTIMIZERS
 
 STEPS = 6
-FP16_STATE_UNDERFLOWS = {"adamw", "lamb", "stable-adamw", "ortho-adam", "muon", "asm", "asa", "msam", "amcs",
-                         "spectra"}
 
 
 def losses_on_one_batch(model: torch.nn.Module, step, steps: int = STEPS) -> list[float]:
@@ -47,20 +42,23 @@ def assert_trains(losses: list[float], model: torch.nn.Module, dtype: torch.dtyp
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def case(name: str, dtype: torch.dtype):
-    case_id = f"{name}-{str(dtype).removeprefix('torch.')}"
-    if dtype == torch.float16 and name in FP16_STATE_UNDERFLOWS:
-        return pytest.param(name, dtype, id=case_id, marks=pytest.mark.xfail(
-            strict=True, reason="Adam-type moments kept in fp16 underflow (see the module docstring)"))
-    return pytest.param(name, dtype, id=case_id)
-
-
-@pytest.mark.parametrize(("name", "dtype"), [case(n, d) for d in (torch.bfloat16, torch.float16)
-                                             for n in OPTIMIZERS.names()])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_optimizer_steps_on_low_precision_parameters(name, dtype):
     model = build_model(get_preset("nano").config, seed=0).to(dtype)
     optimizer = build(name, model, total_steps=10)
     assert_trains(losses_on_one_batch(model, optimizer.step), model, dtype)
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS.names() if n != "adafactor"])
+def test_fp16_parameters_get_fp32_moments(name):
+    """The second-moment-like state of fp16 parameters is fp32 (bf16 parameters keep bf16 state)."""
+    for dtype, expected in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        model = build_model(get_preset("nano").config, seed=0).to(dtype)
+        optimizer = build(name, model, total_steps=10)
+        losses_on_one_batch(model, optimizer.step, 1)
+        moments = [v for s in optimizer.state.values() for k, v in s.items() if k == "exp_avg_sq"]
+        assert moments and all(v.dtype == expected for v in moments), (name, dtype)
 
 
 @pytest.mark.parametrize("impl", ["batched", "per-matrix"])

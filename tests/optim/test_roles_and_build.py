@@ -182,3 +182,39 @@ def test_each_optimizer_lowers_the_loss_on_real_text(name):
         opt.step()
     end = val_loss()
     assert end < start - 1.5, f"{name}: {start:.3f} -> {end:.3f}"
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_each_optimizers_defaults_are_written_once_in_its_class(name):
+    """The registry reads lr, weight decay and options from the class signature: both sides always agree, and a
+    class constructed with no arguments has the settings `build` uses."""
+    from lmopt.optim.spec import signature_defaults
+
+    spec = OPTIMIZERS.get(name)
+    assert spec.cls is not None, f"{name} is registered without its class"
+    signature = signature_defaults(spec.cls)
+    assert spec.default_lr == signature.pop("lr") and spec.default_weight_decay == signature.pop("weight_decay")
+    assert dict(spec.defaults) == signature
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    built = build(name, model, total_steps=10)
+    params = [p for p in model.parameters() if p.dim() == 2] if spec.kind == "matrix" else model.parameters()
+    direct = spec.cls(params, **({"total_steps": 10} if spec.needs_total_steps else {}))
+    shared = set(built.defaults) & set(direct.defaults)
+    assert "lr" in shared
+    assert {k: built.defaults[k] for k in shared} == {k: direct.defaults[k] for k in shared}
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS.names() if OPTIMIZERS.get(n).kind == "matrix"])
+def test_a_matrix_optimizer_given_every_parameter_refuses_and_one_given_an_embedding_warns(name):
+    cls = OPTIMIZERS.get(name).cls
+    model = torch.nn.Sequential(torch.nn.Embedding(2000, 32), torch.nn.Linear(32, 32), torch.nn.LayerNorm(32))
+    with pytest.raises(ValueError, match=r"2-D matrices only.*lmopt.optim.build"):
+        cls(model.parameters())
+    with pytest.warns(UserWarning, match=r"\(2000, 32\)\] look like an embedding"):
+        cls([p for p in model.parameters() if p.dim() == 2])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls([model[1].weight])  # the hidden matrix alone: silent
+        build(name, model)  # the split: the embedding and the norm go to the AdamW part, silently

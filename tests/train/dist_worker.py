@@ -77,6 +77,79 @@ def resume(steps: int) -> None:
     Trainer(TrainConfig(**cfg, run_name="resumed"), resume=True, log=quiet).run()
 
 
+def rehearsal_config(steps: int) -> dict:
+    """A GPU suite's own run settings (Suite.train_config: bf16, torch.compile, its gradient accumulation),
+    scaled down for 2 gloo ranks on CPU: only the preset, the data, the device and the sizes change."""
+    from lmopt.bench.suites import SUITES
+
+    suite = SUITES.get(os.environ.get("SUITE", "gpu-134m"))
+    settings = suite.train_config("spectra", {}, seed=0, steps=steps, run_name="rehearsal", curve=False)
+    seq_len = 32
+    return settings | {
+        "preset": os.environ.get("PRESET", "nano"), "data": "brown", "device": "cpu", "dist": "fsdp", "threads": 1,
+        "seq_len": seq_len, "batch_tokens": seq_len * RANKS * settings["grad_accum"], "eval_tokens": 1024,
+        "eval_interval": steps, "ckpt_interval": steps // 2, "log_interval": 100,
+    }
+
+
+def rehearsal(steps: int) -> None:
+    """The GPU configuration end to end on CPU: straight, and stopped at half-way then resumed."""
+    cfg = rehearsal_config(steps)
+    Trainer(TrainConfig(**cfg | {"run_name": "rehearsal-straight"}), log=quiet).run()
+    Trainer(TrainConfig(**cfg | {"run_name": "rehearsal-resumed"}), log=quiet).run(stop_at=steps // 2)
+    Trainer(TrainConfig(**cfg | {"run_name": "rehearsal-resumed"}), resume=True, log=quiet).run()
+
+
+ODD_MODEL = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+class OddLM(nn.Module):
+    \"\"\"Matrices with odd first dimensions (133 x 67, 67 x 133): FSDP2 shards them unevenly over 2 ranks.\"\"\"
+
+    def __init__(self, vocab_size, d=67, hidden=133, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d)
+        self.blocks = nn.ModuleList(Block(d, hidden) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab_size, bias=False)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def make(vocab_size):
+    return OddLM(vocab_size)
+"""
+UNEVEN = ("muon", "spectra")
+
+
+def uneven_config(name: str, steps: int, **settings) -> TrainConfig:
+    """A user's model (``odd_model:make``, written by the test) whose matrices shard unevenly, in bf16."""
+    return TrainConfig(**dict(BASE, model="odd_model:make", dtype="bf16", grad_accum=2, optimizer=name,
+                              optim=OPTIONS.get(name, {}), steps=steps, run_name=f"uneven-{name}") | settings)
+
+
+def uneven(steps: int) -> None:
+    for name in UNEVEN:
+        Trainer(uneven_config(name, steps), log=quiet).run()
+
+
 def nan_on_one_rank(steps: int) -> None:
     trainer = Trainer(TrainConfig(**dict(BASE, steps=steps, ckpt_interval=2, run_name="nan")), log=quiet)
     rank = int(os.environ["RANK"])
@@ -115,7 +188,8 @@ def raise_on_one_rank(steps: int) -> None:
 if __name__ == "__main__":
     torch.manual_seed(0)
     {"every_optimizer": every_optimizer, "resume": resume, "nan": nan_on_one_rank, "raise": raise_on_one_rank,
-     "bf16": mixed_precision}[sys.argv[1]](int(sys.argv[2]))
+     "bf16": mixed_precision, "rehearsal": rehearsal,
+     "uneven": uneven}[sys.argv[1]](int(sys.argv[2]))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     # Everything the tests check is written by now. Skip the interpreter's teardown: on rare runs a gloo

@@ -26,7 +26,7 @@ from lmopt.registry import OPTIMIZERS
 from lmopt.train import TrainConfig, Trainer
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint
 from lmopt.train.metrics import read_metrics
-from tests.train.dist_worker import BASE, BF16, OPTIONS, RANKS, record_dtypes
+from tests.train.dist_worker import BASE, BF16, ODD_MODEL, OPTIONS, RANKS, UNEVEN, record_dtypes, uneven_config
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,3 +180,52 @@ def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path, mode):
     assert result.returncode != 0
     assert "RuntimeError: injected failure on rank 1 at step 2" in result.stdout + result.stderr
     assert elapsed < 30, f"the job ended {elapsed:.0f} s after the failure"
+
+
+def check_rehearsal(runs: Path, suite: str, steps: int) -> None:
+    from lmopt.bench.suites import SUITES
+
+    straight, resumed = losses(runs / "rehearsal-straight"), losses(runs / "rehearsal-resumed")
+    assert len(straight) == steps and straight == resumed  # checkpoint + resume under compile, bf16, FSDP2: exact
+    assert all(map(torch.isfinite, torch.tensor(straight)))
+    info = json.loads((runs / "rehearsal-straight" / "config.json").read_text())
+    gpu = SUITES.get(suite)
+    assert (info["config"]["dtype"], info["config"]["compile"]) == (gpu.dtype, gpu.compile) == ("bf16", True)
+    assert info["resolved"]["grad_accum"] == gpu.grad_accum > 1
+    assert (info["resolved"]["dist"], info["resolved"]["world_size"]) == ("fsdp", RANKS)
+    first = next(r for r in read_metrics(runs / "rehearsal-straight" / "metrics.jsonl") if r["event"] == "train")
+    assert first.get("compile") is True  # the compiled path ran (its first step is left out of the rates)
+
+
+def test_cpu_rehearsal_of_the_gpu_suite_configuration(tmp_path):
+    """gpu-134m's own settings (bf16 autocast, torch.compile of model and optimizer step, 8 micro-batches per
+    step) under FSDP2 on 2 gloo ranks, nano-sized: trains, checkpoints and resumes bit-exactly."""
+    torchrun(tmp_path, "rehearsal", "4")
+    check_rehearsal(tmp_path, "gpu-134m", 4)
+
+
+@pytest.mark.skipif(not os.environ.get("LMOPT_REHEARSE_134M"),
+                    reason="set LMOPT_REHEARSE_134M=1 to rehearse at qwen3-134m (several minutes, ~8 GB of memory)")
+def test_cpu_rehearsal_at_qwen3_134m(tmp_path):
+    torchrun(tmp_path, "rehearsal", "2", env={"PRESET": "qwen3-134m"}, timeout=3600)
+    check_rehearsal(tmp_path, "gpu-134m", 2)
+
+
+def test_matrix_optimizers_on_unevenly_sharded_matrices_of_a_users_model_in_bf16(tmp_path, monkeypatch):
+    """Muon and Spectra under FSDP2 on a user's model (--model) whose matrices have odd first dimensions, so
+    that the two ranks hold shards of different sizes, with bf16 autocast: the losses of one process with the
+    same micro-batches (rtol 1e-5, as for the preset)."""
+    code = tmp_path / "usercode"
+    code.mkdir()
+    (code / "odd_model.py").write_text(ODD_MODEL)
+    torchrun(tmp_path, "uneven", "3", env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(code)])})
+    monkeypatch.setenv("LMOPT_RUNS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(code))
+    for name in UNEVEN:
+        cfg = uneven_config(name, 3, dist="none", grad_accum=2 * RANKS, run_name=f"single-uneven-{name}")
+        trainer = Trainer(cfg, log=lambda _: None)
+        shapes = {tuple(p.shape) for p in trainer.model.parameters()}
+        assert {(133, 67), (67, 133)} <= shapes
+        trainer.run()
+        torch.testing.assert_close(losses(tmp_path / f"uneven-{name}"), losses(tmp_path / f"single-uneven-{name}"),
+                                   rtol=1e-5, atol=0)

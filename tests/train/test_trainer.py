@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmopt.analysis import SpectrumRecorder
 from lmopt.cli import main
 from lmopt.registry import OPTIMIZERS
 from lmopt.train import ConfigError, TrainConfig, Trainer, TrainingDiverged
@@ -120,8 +121,11 @@ def test_existing_run_is_not_overwritten_silently(runs_dir):
 def test_spectrum_during_training_changes_nothing_else(runs_dir):
     base = dict(NANO, steps=4, ckpt_interval=0)
     Trainer(TrainConfig(**base, run_name="plain"), log=lambda _: None).run()
-    Trainer(TrainConfig(**base, run_name="measured", spectrum_interval=2, spectrum_micro_batches=2),
-            log=lambda _: None).run()
+    measured = TrainConfig(**base, run_name="measured", spectrum_interval=2, spectrum_micro_batches=2)
+    with pytest.raises(ConfigError, match="needs lmopt.analysis.SpectrumRecorder"):
+        Trainer(measured, log=lambda _: None)
+    assert not (runs_dir / "measured").exists()
+    Trainer(measured, log=lambda _: None, callbacks=[SpectrumRecorder()]).run()
     assert train_losses(runs_dir / "plain") == train_losses(runs_dir / "measured")
     files = sorted((runs_dir / "measured" / "spectrum").glob("*.json"))
     assert [f.name for f in files] == ["step_00000002.json", "step_00000004.json"]

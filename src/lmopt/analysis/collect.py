@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from lmopt.analysis.spectrum import matrix_report
-from lmopt.data import BatchLoader, load_prepared
-from lmopt.model import build_model, get_preset
-from lmopt.optim import build
+from lmopt.data import BatchLoader
+from lmopt.data.paths import atomic_write_text
+from lmopt.train.build import build_run
+from lmopt.train.callbacks import Callback
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint
 from lmopt.train.config import TrainConfig
 
@@ -90,16 +91,41 @@ def analyse_checkpoint(path: str | Path, layers: list[int] | None = None, n_micr
     info = json.loads((run_dir / "config.json").read_text())
     cfg = TrainConfig.from_dict(info["config"])
     device = torch.device("cpu")
-    model = build_model(get_preset(cfg.preset).config, seed=cfg.seed, device=device)
-    optimizer = build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      total_steps=info["resolved"]["steps"], **cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    data = load_prepared(cfg.data, cfg.resolved_tokenizer())
-    loader = BatchLoader(data.train, cfg.seq_len, micro_batch_size, seed=seed)
+    parts = build_run(cfg, device)
+    model, optimizer = parts.model, parts.optimizer
+    state = load_checkpoint(checkpoint, model, optimizer, parts.scheduler)
+    loader = BatchLoader(parts.data.train, cfg.seq_len, micro_batch_size, seed=seed)
     n_layers = len(model.layers)
     reports = analyse_model(model, optimizer, loader, layers if layers is not None else [0, n_layers - 1],
                             n_micro, device)
     return {"run": run_dir.name, "checkpoint": str(checkpoint), "step": state["step"], "tokens": state["tokens"],
             "preset": cfg.preset, "optimizer": cfg.optimizer, "micro_batches": n_micro,
             "micro_batch_tokens": micro_batch_size * cfg.seq_len, "matrices": reports}
+
+
+class SpectrumRecorder(Callback):
+    """During training, every ``spectrum_interval`` steps: the gradient spectra of layers 0 and -1 into
+    ``<run>/spectrum/step_<step>.json`` and a ``spectrum`` metrics record. Leaves weights, gradients and the
+    training data order as they were (its micro-batches come from a loader of its own, seeded ``seed + 1``).
+    ``lmopt train`` adds it when ``spectrum_interval`` is set."""
+
+    measures_spectra = True
+
+    def __init__(self, layers: tuple[int, ...] = (0, -1)) -> None:
+        self.layers = list(layers)
+        self.loader: BatchLoader | None = None
+
+    def on_step_end(self, trainer) -> None:
+        cfg = trainer.cfg
+        if not cfg.spectrum_interval or trainer.step % cfg.spectrum_interval:
+            return
+        if self.loader is None:
+            self.loader = BatchLoader(trainer.data.train, cfg.seq_len, cfg.micro_batch_size(), seed=cfg.seed + 1)
+        reports = analyse_model(trainer.model, trainer.optimizer, self.loader, self.layers,
+                                cfg.spectrum_micro_batches, trainer.device)
+        record = {"run": trainer.run_dir.name, "step": trainer.step, "tokens": trainer.tokens, "preset": cfg.preset,
+                  "optimizer": cfg.optimizer, "micro_batches": cfg.spectrum_micro_batches, "matrices": reports}
+        atomic_write_text(trainer.run_dir / "spectrum" / f"step_{trainer.step:08d}.json", json.dumps(record))
+        spikes = [r["spike"]["fraction"] for r in reports.values()]
+        trainer.record("spectrum", step=trainer.step, tokens=trainer.tokens,
+                       mean_spike_fraction=sum(spikes) / len(spikes))

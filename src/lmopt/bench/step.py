@@ -102,6 +102,14 @@ def _interleaved_times(steps: dict[str, Callable[[], None]], repeats: int) -> di
     return times
 
 
+def paired_ratio_spread(times: list[float], base_times: list[float]) -> dict:
+    """The ratio of each repeat to the baseline step timed next to it: its median, min and max. Machine noise
+    that lasts longer than a step hits both sides of a pair, so the spread of paired ratios shows how far a
+    ratio can be trusted on this machine (a wide one: re-run with more repeats on a quieter machine)."""
+    ratios = sorted(t / b for t, b in zip(times, base_times, strict=True))
+    return {"ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
 def _machine(threads: int) -> dict:
     return {"threads": threads, "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
@@ -145,6 +153,7 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
             t, s = statistics.median(times[name]), state_bytes(opt)
             base = statistics.median(times[BASELINE])
             rows[name] = {"step_seconds": t, "time_vs_fused_adamw": t / base, "baseline_seconds_in_set": base,
+                          **paired_ratio_spread(times[name], times[BASELINE]),
                           "state_bytes": s, "state_bytes_per_param": s / n_params, "state_vs_adamw": s / base_state}
             if name in (profile or []):
                 profiles[name] = profile_table(opt.step)
@@ -162,11 +171,11 @@ def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len:
                              only: list[str] | None = None, compiled: bool = True, log=print) -> dict:
     """Forward + backward + clip + optimizer step of every optimizer on real text, relative to AdamW's."""
     from lmopt.data.loader import BatchLoader
-    from lmopt.data.prepare import load_prepared
+    from lmopt.train.build import load_data
     from lmopt.train.config import TrainConfig
 
     config = get_preset(preset).config
-    prepared = load_prepared(data, TrainConfig(preset=preset, data=data).resolved_tokenizer())
+    prepared = load_data(TrainConfig(preset=preset, data=data))
     loader = BatchLoader(prepared.train, seq_len, batch_tokens // seq_len, seed=0)
     batches = [loader.next_batch() for _ in range(warmup + repeats)]
     variants = {k: v for k, v in optimizer_variants(compiled).items() if not only or k in only or k == BASELINE}
@@ -207,8 +216,8 @@ def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len:
 def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: int = 40, rounds: int = 3,
                          seq_len: int = 256, batch_tokens: int = 4096, log=print) -> dict:
     """``lmopt train``'s tokens/s over a bare loop's, same model, data, optimizer and schedule."""
+    from lmopt.train.build import build_run
     from lmopt.train.config import TrainConfig
-    from lmopt.train.schedule import lr_factor
     from lmopt.train.trainer import Trainer
 
     cfg = TrainConfig(preset=preset, optimizer=optimizer, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
@@ -246,16 +255,8 @@ def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: 
                     os.environ["LMOPT_RUNS"] = previous
 
     def bare_seconds() -> float:
-        from lmopt.data.loader import BatchLoader
-        from lmopt.data.prepare import load_prepared
-
-        data = load_prepared(cfg.data, cfg.resolved_tokenizer())
-        model = build_model(get_preset(preset).config, seed=cfg.seed)
-        opt = build(optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps, **cfg.optim)
-        warm = round(cfg.warmup_frac * steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, steps, warm, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac))
-        loader = BatchLoader(data.train, seq_len, cfg.micro_batch_size(), seed=cfg.seed)
+        parts = build_run(cfg)  # the same parts the trainer builds, without its loop
+        model, opt, sched, loader = parts.model, parts.optimizer, parts.scheduler, parts.loader
         start = time.perf_counter()
         for _ in range(steps):
             x, y = loader.next_batch()
@@ -291,13 +292,17 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
              f"Made by `{command}` at commit `{commit}`; torch {result['torch']}, {result['processor']}, "
              f"{result['cpus']} CPUs, {result['threads']} threads.", "",
              f"## Optimizer step ({result['params']:,} parameters, gradients present)", "",
-             f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps.", "",
-             "| optimizer | step time | vs fused AdamW | fused AdamW in its set | state bytes / param "
-             "| state vs AdamW |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps. "
+             "*vs fused AdamW* is the ratio of the medians; *paired ratios* are each repeat over the baseline step "
+             "timed next to it: median (min–max), the spread this machine's noise leaves.", "",
+             "| optimizer | step time | vs fused AdamW | paired ratios | fused AdamW in its set | "
+             "state bytes / param | state vs AdamW |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(result["results"].items(), key=lambda kv: kv[1]["step_seconds"]):
         base = r.get("baseline_seconds_in_set")
-        lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_fused_adamw']:.2f}x | "
+        spread = (f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})" if "ratio_median" in r
+                  else "—")
+        lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_fused_adamw']:.2f}x | {spread} | "
                      f"{'—' if base is None else f'{base * 1e3:.1f} ms'} | "
                      f"{r['state_bytes_per_param']:.2f} | {r['state_vs_adamw']:.2f}x |")
     for name, table in result.get("profiles", {}).items():

@@ -5,7 +5,7 @@ This layer imports nothing from lmopt but the registry, so it serves any model::
     from lmopt.optim import build, Spectra, matrix_param_groups
     opt = build("spectra", model, lr=3e-3)                                 # role-aware groups, AdamW for the rest
     opt = Spectra(matrix_param_groups(model, weight_decay=0.1), lr=3e-3)   # the same, by hand
-    opt = Spectra([w for w in model.parameters() if w.dim() == 2], lr=3e-3)  # plain torch usage
+    opt = Spectra([block.mlp.up_proj.weight, ...], lr=3e-3)  # hidden matrices only (else it raises)
 """
 
 # Importing each module registers it; the order is the order `lmopt optimizers` lists them in.

@@ -32,21 +32,36 @@ import torch
 
 from lmopt.optim.distributed import is_dtensor, replicated
 from lmopt.optim.elementwise import run_compiled
-from lmopt.optim.roles import role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.spec import register_class
 
 IMPLS = ("foreach", "for-loop", "compiled")
 
 
 class Adafactor(torch.optim.Adafactor):
-    def __init__(self, params, *args, impl: str | None = None, **kwargs) -> None:
-        """torch's arguments; ``impl`` ("foreach", "for-loop" or "compiled") overrides ``foreach``."""
-        if impl is not None and impl not in IMPLS:
+    """``torch.optim.Adafactor`` with lmopt's defaults and a compiled implementation.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: the cap on the relative step size ρ_t = min(lr, 1/sqrt(t)).
+        beta2_decay: the second-moment decay β2_t = 1 - t^beta2_decay.
+        eps2: the floor of the parameter RMS that scales the step (torch's ``eps[1]``).
+        d: the update clipping threshold (the update's RMS is divided by max(1, RMS/d)).
+        weight_decay: decoupled weight decay, multiplied by lr.
+        impl: "foreach", "for-loop" or "compiled".
+        **torch_options: any other ``torch.optim.Adafactor`` argument (``eps`` as a pair overrides ``eps2``,
+            ``foreach`` overrides ``impl``, ``maximize``).
+    """
+
+    def __init__(self, params, lr: float = 3e-2, beta2_decay: float = -0.8, eps2: float = 1e-3, d: float = 1.0,
+                 weight_decay: float = 0.0, impl: str = "foreach", **torch_options) -> None:
+        if impl not in IMPLS:
             raise ValueError(f"Invalid impl: {impl!r}; choose one of {', '.join(map(repr, IMPLS))}")
-        if impl is not None:
-            kwargs["foreach"] = impl == "foreach"
-        super().__init__(params, *args, **kwargs)
-        self.impl = impl or ("foreach" if kwargs.get("foreach") else "for-loop")
+        torch_options.setdefault("eps", (None, eps2))
+        if "foreach" in torch_options:
+            impl = "foreach" if torch_options["foreach"] else "for-loop"
+        torch_options["foreach"] = impl == "foreach"
+        super().__init__(params, lr=lr, beta2_decay=beta2_decay, d=d, weight_decay=weight_decay, **torch_options)
+        self.impl = impl
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups; ``impl`` goes along
@@ -175,19 +190,11 @@ def adafactor_update(p, grad, tensors, scalars, c) -> None:
     p.copy_(p * (1 - lr * c["weight_decay"]) + grad * inverse_std * -step_size)
 
 
-def build_adafactor(model, lr, weight_decay, beta2_decay, eps2, d, impl) -> Adafactor:
-    return Adafactor(role_param_groups(model, weight_decay), lr=lr, beta2_decay=beta2_decay, eps=(None, eps2), d=d,
-                     weight_decay=weight_decay, impl=impl)
-
-
-register(OptimizerSpec(
+register_class(
+    Adafactor,
     name="adafactor",
     summary="Adafactor (torch.optim.Adafactor): factored second moment, relative step capped by lr",
     source="Shazeer & Stern 2018, arXiv:1804.04235",
-    builder=build_adafactor,
-    defaults={"beta2_decay": -0.8, "eps2": 1e-3, "d": 1.0, "impl": "foreach"},
-    default_lr=3e-2,
-    default_weight_decay=0.0,
     state_bytes_per_param=0.0,  # O(rows + columns) per matrix: ~0 bytes per parameter
     impls=IMPLS,
-))
+)

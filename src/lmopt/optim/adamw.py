@@ -14,11 +14,9 @@ pairs of reals, and its fused path refuses it with a message about floating-poin
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from lmopt.optim.common import refuse_sparse_and_complex
-from lmopt.optim.roles import role_param_groups
-from lmopt.optim.spec import OptimizerSpec, OptionError, register
+from lmopt.optim.common import adamw_step_, refuse_sparse_and_complex
+from lmopt.optim.spec import OptionError, register_class
 
 IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 
@@ -30,7 +28,54 @@ def impl_flags(impl: str) -> dict:
 
 
 class AdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW``, refusing sparse gradients and complex parameters on every implementation."""
+    """``torch.optim.AdamW`` with lmopt's defaults, refusing sparse gradients and complex parameters on every
+    implementation.
+
+    Args:
+        params: parameters or parameter groups (``lmopt.optim.role_param_groups(model, weight_decay)`` gives
+            weight decay to matrices only).
+        lr: peak learning rate.
+        betas: (β1, β2) of the first and second moments.
+        eps: added to the square root of the second moment.
+        weight_decay: decoupled weight decay λ (the update subtracts lr·λ·w).
+        impl: "fused" (torch's fused kernel), "foreach" (multi-tensor) or "for-loop".
+        **torch_options: any other ``torch.optim.AdamW`` argument (``amsgrad``, ``maximize``...); ``fused`` or
+            ``foreach`` given here override ``impl``.
+    """
+
+    def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, impl: str = "fused", **torch_options) -> None:
+        flags = impl_flags(impl) if not {"fused", "foreach"} & set(torch_options) else {}
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flags, **torch_options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """torch's step; fp16 parameters take lmopt's AdamW with fp32 moments instead (torch keeps them in fp16,
+        where most squared gradients underflow to 0: lmopt.optim.common.state_dtype). Same state layout."""
+        half = {p: p.grad for group in self.param_groups for p in group["params"]
+                if p.dtype == torch.float16 and p.grad is not None}
+        if not half:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p in half:
+            p.grad = None  # hidden from torch's step
+        try:
+            super().step()
+        finally:
+            for p, grad in half.items():
+                p.grad = grad
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in half]
+            if params:
+                if group["amsgrad"] or group["maximize"]:
+                    raise NotImplementedError("AdamW on fp16 parameters supports neither amsgrad nor maximize")
+                refuse_sparse_and_complex(type(self).__name__, params)
+                adamw_step_(params, [self.state[p] for p in params], group["lr"], group["betas"], group["eps"],
+                            group["weight_decay"])
+        return loss
 
     def _init_group(self, group, *args, **kwargs):
         # torch's step calls this once per group, after the closure and before it updates the group
@@ -38,19 +83,11 @@ class AdamW(torch.optim.AdamW):
         return super()._init_group(group, *args, **kwargs)
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: float,
-                impl: str) -> torch.optim.AdamW:
-    return AdamW(role_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **impl_flags(impl))
-
-
-ADAMW = register(OptimizerSpec(
+ADAMW = register_class(
+    AdamW,
     name="adamw",
     summary="AdamW (torch.optim.AdamW): Adam with decoupled weight decay",
     source="Loshchilov & Hutter 2019, arXiv:1711.05101",
-    builder=build_adamw,
-    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "impl": "fused"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
     state_bytes_per_param=8.0,
-    impls=("fused", "foreach", "for-loop"),
-))
+    impls=IMPLEMENTATIONS,
+)

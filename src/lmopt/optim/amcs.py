@@ -1,5 +1,4 @@
-"""AMCS, Adaptive Momentum with Component Scaling (Aardvark 2025,
-``shared/papers/amcs-adaptive-momentum-component-scaling.txt``).
+"""AMCS, Adaptive Momentum with Component Scaling (Aardvark 2025).
 
 What the paper says (Section 3): "m_t = α(t) m_fast + (1 − α(t)) m_slow where α(t) transitions from 1 to 0
 during training, and component-specific learning rates η_c = γ_c η_base"; "Dual momentum buffers
@@ -37,8 +36,8 @@ import math
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
-from lmopt.optim.roles import ATTENTION_ROLES, role_param_groups
-from lmopt.optim.spec import OptimizerSpec, register
+from lmopt.optim.roles import ATTENTION_ROLES
+from lmopt.optim.spec import register_class
 
 PAPER_COMPONENT_SCALES = {**{r: 1.2 for r in ATTENTION_ROLES}, "mlp": 1.0, "embedding": 0.8}
 ALPHA_SCHEDULES = ("linear", "cosine")
@@ -55,7 +54,7 @@ def mixing_weight(step: int, total_steps: int, schedule: str = "linear") -> floa
 
 
 class AMCS(ElementwiseOptimizer):
-    def __init__(self, params, total_steps: int, lr: float = 1e-3,
+    def __init__(self, params, total_steps: int, lr: float = 5e-3,
                  betas: tuple[float, float, float] = (0.9, 0.95, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.1, alpha_schedule: str = "linear", component_scales: bool = True,
                  impl: str = "eager") -> None:
@@ -95,23 +94,11 @@ class AMCS(ElementwiseOptimizer):
         add_scaled_(p, m_hat.div_(denom), -component_lr)
 
 
-def build_amcs(model, lr, weight_decay, total_steps: int | None = None, **options) -> AMCS:
-    if total_steps is None:
-        raise ValueError("AMCS needs total_steps (the number of optimizer steps of the run)")
-    return AMCS(role_param_groups(model, weight_decay), total_steps=total_steps, lr=lr, weight_decay=weight_decay,
-                **options)
-
-
-register(OptimizerSpec(
+register_class(
+    AMCS,
     name="amcs",
     summary="AMCS: Adam whose momentum slides from fast (0.9) to slow (0.95) over the run; role lr scales",
-    source="Aardvark 2025, Adaptive Momentum with Component Scaling (shared/papers)",
-    builder=build_amcs,
-    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "alpha_schedule": "linear", "component_scales": True,
-              "impl": "eager"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
+    source="Aardvark 2025, Adaptive Momentum with Component Scaling, short paper",
     state_bytes_per_param=12.0,
     impls=ELEMENTWISE_IMPLS,
-    needs_total_steps=True,
-))
+)

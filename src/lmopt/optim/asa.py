@@ -1,4 +1,4 @@
-"""ASA, Attentive Spectral Adam (Aardvark 2025, ``shared/papers/asa-attentive-spectral-adam.txt``).
+"""ASA, Attentive Spectral Adam (Aardvark 2025).
 
 What the paper says (Section 3, Eq. 1): "θ_t = θ_{t-1} − η_t · (1 + λσ) · m̂_t / (√v̂_t + ε), where σ is the
 estimated spectral norm of the parameter matrix. For attention layers, we compute this using power iteration
@@ -41,16 +41,16 @@ import torch
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
+from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_, bias_corrections
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.spec import register_class
 
 PAPER_ROLE_LR_SCALES = {**{role: 1.2 for role in ATTENTION_ROLES}, "embedding": 0.8}  # every attention matrix
 
 
-class ASA(ElementwiseOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+class ASA(AdamFamily):
+    def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, spectral_scale: float = 0.1, power_iters: int = 1,
                  init_power_iters: int = 10, role_lr_scales: bool = True, seed: int = 0, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
@@ -68,7 +68,7 @@ class ASA(ElementwiseOptimizer):
     def is_spectral(p: torch.Tensor, group: dict) -> bool:
         return group.get("role", "other") in ATTENTION_ROLES and group["spectral_scale"] > 0 and p.dim() == 2
 
-    buffers = ("exp_avg", "exp_avg_sq")
+    constant_keys = ("spectral_scale", "power_iters")
 
     def init_state(self, p, state, group):
         super().init_state(p, state, group)
@@ -89,17 +89,12 @@ class ASA(ElementwiseOptimizer):
         role_scale = PAPER_ROLE_LR_SCALES.get(group.get("role", "other"), 1.0) if group["role_lr_scales"] else 1.0
         return group["lr"] * role_scale, *bias_corrections(group["betas"], state["step"])
 
-    def constants(self, group):
-        return {k: group[k] for k in ("betas", "eps", "weight_decay", "spectral_scale", "power_iters")}
-
     @staticmethod
     def update(p, grad, tensors, scalars, c):
         exp_avg, exp_avg_sq = tensors[:2]
         role_lr, bias1, bias2 = scalars  # role_lr = η_role, the lr of the step and of the decay
-        beta1, beta2 = c["betas"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        adam_moments_(exp_avg, exp_avg_sq, grad, c["betas"])
+        direction = adam_direction(exp_avg, exp_avg_sq, bias1, bias2, c["eps"])
         if len(tensors) == 3:  # an attention matrix: scale by 1 + λ σ(W), σ by warm-started power iteration
             sigma, v = power_iteration_sigma(p, tensors[2], c["power_iters"])
             tensors[2].copy_(replicated(v))  # on shards Wᵀ(Wv) arrives as a pending sum: reduce it once
@@ -108,15 +103,11 @@ class ASA(ElementwiseOptimizer):
         add_scaled_(p, direction, -role_lr)
 
 
-register(OptimizerSpec(
+register_class(
+    ASA,
     name="asa",
     summary="ASA: AdamW whose attention steps are scaled by (1 + λ·spectral norm), role lr scales",
-    source="Aardvark 2025, Attentive Spectral Adam (shared/papers)",
-    builder=grouped_builder(ASA),
-    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "spectral_scale": 0.1, "power_iters": 1,
-              "init_power_iters": 10, "role_lr_scales": True, "seed": 0, "impl": "eager"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
+    source="Aardvark 2025, Attentive Spectral Adam, short paper",
     state_bytes_per_param=8.0,  # plus one vector per attention matrix
     impls=ELEMENTWISE_IMPLS,
-))
+)

@@ -1,4 +1,4 @@
-"""ASM, Attentive Spectral Momentum (Aardvark 2025, ``shared/papers/asm-attentive-spectral-momentum.txt``).
+"""ASM, Attentive Spectral Momentum (Aardvark 2025).
 
 What the paper says (Section 3): "The base optimizer follows m_t = β1 m_{t-1} + (1 - β1) g_t,
 v_t = β2 v_{t-1} + (1 - β2) g_t², with bias correction m̂_t = m_t / (1 - β1^t), v̂_t = v_t / (1 - β2^t)."
@@ -26,7 +26,7 @@ are treated as "other".
 from __future__ import annotations
 
 from lmopt.optim.adamw import AdamW, impl_flags
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.spec import register_class
 
 QK_ROLES = ("attn_q", "attn_k")
 PAPER_QK_LR_SCALE = 3.5e-4 / 3e-4  # = 7/6
@@ -47,7 +47,7 @@ def asm_groups(groups: list[dict], qk_lr_scale: float, qk_beta1: float, lr: floa
 
 
 class ASM(AdamW):
-    def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
+    def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, role_overrides: bool = True, qk_lr_scale: float = PAPER_QK_LR_SCALE,
                  qk_beta1: float = PAPER_QK_BETA1, impl: str = "fused") -> None:
         params = list(params)
@@ -56,15 +56,11 @@ class ASM(AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl_flags(impl))
 
 
-register(OptimizerSpec(
+register_class(
+    ASM,
     name="asm",
     summary="ASM: AdamW with attention q/k overrides (lr x7/6, beta1 0.97, no weight decay)",
-    source="Aardvark 2025, Attentive Spectral Momentum (shared/papers)",
-    builder=grouped_builder(ASM),
-    defaults={"betas": (0.95, 0.95), "eps": 1e-8, "role_overrides": True, "qk_lr_scale": PAPER_QK_LR_SCALE,
-              "qk_beta1": PAPER_QK_BETA1, "impl": "fused"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
+    source="Aardvark 2025, Attentive Spectral Momentum, short paper",
     state_bytes_per_param=8.0,
     impls=("fused", "foreach", "for-loop"),
-))
+)

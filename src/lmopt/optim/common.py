@@ -88,18 +88,36 @@ def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> None:
         p.mul_(1 - lr * weight_decay)
 
 
+def state_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of an Adam-type moment of ``p``: fp32 for fp16 parameters, whose squared gradients underflow
+    fp16 (g² < 6e-8, the smallest fp16 subnormal, is most of a model's entries) and where eps = 1e-8 rounds to 0;
+    the parameter's own dtype otherwise (bf16 has fp32's exponent range)."""
+    return torch.float32 if p.dtype == torch.float16 else p.dtype
+
+
+def working_copy(p: Tensor) -> Tensor:
+    """What an update computes on: an fp32 copy of an fp16 parameter (written back once), else ``p`` itself."""
+    return p.float() if p.dtype == torch.float16 else p
+
+
 def adamw_step_(params: list[Tensor], states: list[dict], lr: float, betas: tuple[float, float], eps: float,
                 weight_decay: float) -> None:
     """One AdamW step on ``params`` by torch's own kernel (fused on plain tensors, its for-loop on DTensor
     shards), with torch's state layout (``step``, ``exp_avg``, ``exp_avg_sq``): the path of the parameters a
-    matrix optimizer does not own (embeddings, head, norms), often half of a small model's weights."""
+    matrix optimizer does not own (embeddings, head, norms), often half of a small model's weights. fp16
+    parameters keep fp32 moments and are updated through an fp32 copy (:func:`state_dtype`)."""
     fused = not any(is_dtensor(p) for p in params)
     for p, state in zip(params, states, strict=True):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    torch_adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+    work = [working_copy(p) for p in params]
+    grads = [p.grad if w is p else p.grad.float() for p, w in zip(params, work, strict=True)]
+    torch_adam(work, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                [], [s["step"] for s in states], foreach=False, fused=fused, decoupled_weight_decay=True,
                amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps,
                maximize=False)
+    for p, w in zip(params, work, strict=True):
+        if w is not p:
+            p.copy_(w)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmopt.optim.common import LmoptOptimizer
+from lmopt.optim.common import LmoptOptimizer, state_dtype, working_copy
 from lmopt.optim.distributed import is_dtensor
 from lmopt.optim.spec import OptionError
 
@@ -49,6 +49,18 @@ def check_impl(impl: str) -> None:
 def bias_corrections(betas: Sequence[float], step: int) -> tuple[float, ...]:
     """1 - β^t for each β: the divisors of Adam-style bias-corrected moments."""
     return tuple(1 - beta**step for beta in betas)
+
+
+def adam_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, betas: Sequence[float]) -> None:
+    """m <- β1 m + (1 - β1) g,  v <- β2 v + (1 - β2) g², in place (Adam's moments, as torch writes them)."""
+    exp_avg.lerp_(grad, 1 - betas[0])
+    exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+
+
+def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, bias1: float | Tensor, bias2: float | Tensor,
+                   eps: float) -> Tensor:
+    """Adam's direction m̂ / (√v̂ + ε) with m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t): a fresh tensor."""
+    return (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(eps))
 
 
 def add_scaled_(p: Tensor, x: Tensor, alpha: float | Tensor) -> Tensor:
@@ -81,7 +93,7 @@ class ElementwiseOptimizer(LmoptOptimizer):
     # -- the pieces a subclass defines (state and tensors default to zero ``buffers``) -------------------------
     def init_state(self, p: Tensor, state: dict, group: dict) -> None:
         for key in self.buffers:
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
 
     def tensors(self, p: Tensor, state: dict, group: dict) -> list[Tensor]:
         return [state[key] for key in self.buffers]
@@ -96,35 +108,57 @@ class ElementwiseOptimizer(LmoptOptimizer):
 
     # -- the step: every group's tensors in one pass -----------------------------------------------------------
     def _step_groups(self) -> None:
-        params, tensors, scalars, constants = [], [], [], []
+        """Every tensor's update; an fp16 parameter is updated through an fp32 copy with fp32 state
+        (lmopt.optim.common.state_dtype), rounded into the parameter once at the end."""
+        params, work, grads, tensors, scalars, constants = [], [], [], [], [], []
         # every gradient is checked before any state changes, so a refused step leaves the optimizer as it was
         with_grad = [self.params_with_grad(group) for group in self.param_groups]
         for group, group_params in zip(self.param_groups, with_grad, strict=True):
             group_constants = self.constants(group)
             for p in group_params:
+                w = working_copy(p)
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
-                    self.init_state(p, state, group)
+                    self.init_state(w, state, group)
                 state["step"] += 1
                 params.append(p)
-                tensors.append(self.tensors(p, state, group))
+                work.append(w)
+                grads.append(p.grad if w is p else p.grad.float())
+                tensors.append(self.tensors(w, state, group))
                 scalars.append(self.scalars(group, state))
                 constants.append(group_constants)
         if not params:
             return
         compiled = self.impl == "compiled" and not any(is_dtensor(p) for p in params)
-        if compiled and self._run_compiled(params, tensors, scalars, constants):
-            return
-        for p, ts, s, c in zip(params, tensors, scalars, constants, strict=True):
-            self.update(p, p.grad, ts, s, c)
+        if not (compiled and self._run_compiled(work, tensors, scalars, constants, grads)):
+            for w, g, ts, s, c in zip(work, grads, tensors, scalars, constants, strict=True):
+                self.update(w, g, ts, s, c)
+        for p, w in zip(params, work, strict=True):
+            if w is not p:
+                p.copy_(w)
 
-    def _run_compiled(self, params, tensors, scalars, constants) -> bool:
-        return run_compiled(self, type(self).update, params, tensors, scalars, constants)
+    def _run_compiled(self, params, tensors, scalars, constants, grads=None) -> bool:
+        return run_compiled(self, type(self).update, params, tensors, scalars, constants, grads=grads)
+
+
+class AdamFamily(ElementwiseOptimizer):
+    """An element-wise optimizer built on Adam's two moments: state ``exp_avg``, ``exp_avg_sq``; per-step
+    numbers (lr, 1 - β1^t, 1 - β2^t); constants ``betas``, ``eps``, ``weight_decay`` and ``constant_keys``."""
+
+    buffers = ("exp_avg", "exp_avg_sq")
+    constant_keys: tuple[str, ...] = ()
+
+    def scalars(self, group: dict, state: dict) -> tuple[float, ...]:
+        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
+
+    def constants(self, group: dict) -> dict[str, Any]:
+        return {k: group[k] for k in ("betas", "eps", "weight_decay", *self.constant_keys)}
 
 
 def run_compiled(optimizer: torch.optim.Optimizer, update: Update, params: list[Tensor], tensors: list[list[Tensor]],
-                 scalars: list[tuple[float, ...]], constants: list[dict], fallback: str = "eager") -> bool:
+                 scalars: list[tuple[float, ...]], constants: list[dict], fallback: str = "eager",
+                 grads: list[Tensor] | None = None) -> bool:
     """Run ``update`` over every tensor as one compiled function; False (after a warning, with
     ``optimizer.impl`` set to ``fallback``) when torch.compile cannot run here, before anything was updated."""
     table = torch.tensor(scalars, dtype=torch.float64, device=params[0].device)
@@ -134,7 +168,8 @@ def run_compiled(optimizer: torch.optim.Optimizer, update: Update, params: list[
     limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
     try:
         with limits:
-            _compiled_loop(update)(params, [p.grad for p in params], tensors, table, constants)
+            _compiled_loop(update)(params, grads if grads is not None else [p.grad for p in params], tensors, table,
+                                   constants)
     except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
         # raised while compiling, before anything ran: say why, then run eagerly
         warnings.warn(f"{type(optimizer).__name__}(impl='compiled'): torch.compile is unavailable here "

@@ -19,8 +19,8 @@ import torch
 
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, bias_corrections
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_
+from lmopt.optim.spec import register_class
 
 
 def lamb_trust(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, max_trust: float) -> torch.Tensor:
@@ -31,8 +31,8 @@ def lamb_trust(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, ma
     return torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
 
 
-class LAMB(ElementwiseOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+class LAMB(AdamFamily):
+    def __init__(self, params, lr: float = 2e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, max_trust: float = 10.0, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
@@ -41,22 +41,14 @@ class LAMB(ElementwiseOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust),
                          impl)
 
-    buffers = ("exp_avg", "exp_avg_sq")
-
-    def scalars(self, group, state):
-        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
-
-    def constants(self, group):
-        return {k: group[k] for k in ("betas", "eps", "weight_decay", "max_trust")}
+    constant_keys = ("max_trust",)
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
         exp_avg, exp_avg_sq = tensors
         lr, bias1, bias2 = scalars
-        beta1, beta2 = c["betas"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        adam_moments_(exp_avg, exp_avg_sq, grad, c["betas"])
+        direction = adam_direction(exp_avg, exp_avg_sq, bias1, bias2, c["eps"])
         step = lamb_trust(direction, p, c["weight_decay"], c["max_trust"]) * lr
         # W <- W (1 - step λ) - step m̂ / (√v̂ + ε), the direction written afresh from the stored moments: the
         # compiled step then recomputes it instead of keeping it in a fresh full-size buffer, whose first touch
@@ -65,14 +57,11 @@ class LAMB(ElementwiseOptimizer):
         p.sub_(exp_avg * step / (((exp_avg_sq / bias2).sqrt() + c["eps"]) * bias1))
 
 
-register(OptimizerSpec(
+register_class(
+    LAMB,
     name="lamb",
     summary="LAMB: Adam direction rescaled per tensor by the trust ratio ||w|| / ||update||",
     source="You et al. 2020, arXiv:1904.00962",
-    builder=grouped_builder(LAMB),
-    defaults={"betas": (0.9, 0.999), "eps": 1e-6, "max_trust": 10.0, "impl": "eager"},
-    default_lr=2e-2,
-    default_weight_decay=0.01,
     state_bytes_per_param=8.0,
     impls=ELEMENTWISE_IMPLS,
-))
+)

@@ -1,4 +1,4 @@
-"""MSAM, Multi-Scale Adaptive Momentum (Aardvark 2025, ``shared/papers/msam-multi-scale-adaptive-momentum.txt``).
+"""MSAM, Multi-Scale Adaptive Momentum (Aardvark 2025).
 
 What the paper says (Section 3.2): "MSAM maintains: Fast momentum m^f_t = β1 m^f_{t-1} + (1 − β1) g_t;
 Slow momentum m^s_t = β2 m^s_{t-1} + (1 − β2) g_t; Variance estimate v_t = β3 v_{t-1} + (1 − β3) g_t²."
@@ -34,7 +34,7 @@ from lmopt.optim.distributed import replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.roles import ATTENTION_ROLES
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.spec import register_class
 
 STABILITY_MEASURES = ("cosine", "variance")
 
@@ -62,7 +62,7 @@ def gradient_stability(grad: Tensor, slow: Tensor, measure: str = "cosine") -> T
 
 
 class MSAM(ElementwiseOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
+    def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine", impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
@@ -96,14 +96,11 @@ class MSAM(ElementwiseOptimizer):
         add_scaled_(p, m_hat.div_(denom), -lr)
 
 
-register(OptimizerSpec(
+register_class(
+    MSAM,
     name="msam",
     summary="MSAM: Adam with fast+slow momenta mixed per role by gradient stability",
-    source="Aardvark 2025, Multi-Scale Adaptive Momentum (shared/papers)",
-    builder=grouped_builder(MSAM),
-    defaults={"betas": (0.9, 0.95, 0.999), "eps": 1e-8, "stability": "cosine", "impl": "eager"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
+    source="Aardvark 2025, Multi-Scale Adaptive Momentum, short paper",
     state_bytes_per_param=12.0,
     impls=ELEMENTWISE_IMPLS,
-))
+)

@@ -29,7 +29,7 @@ from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.spec import register_class
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -45,7 +45,7 @@ def adjusted_lr(lr: float, shape: tuple[int, ...], adjust: str) -> float:
 
 
 class Muon(MatrixOptimizer):
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+    def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple = NS_COEFFICIENTS,
                  ns_eps: float = NS_EPS, ns_dtype: str = "bfloat16", adjust_lr: str = "match_rms_adamw",
                  adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
@@ -91,15 +91,12 @@ class Muon(MatrixOptimizer):
         return result
 
 
-register(OptimizerSpec(
+register_class(
+    Muon,
     name="muon",
     summary="Muon: Nesterov momentum orthogonalised by Newton-Schulz on hidden matrices; AdamW elsewhere",
     source="Jordan et al. 2024 (kellerjordan.github.io/posts/muon); Liu et al. 2025, arXiv:2502.16982",
-    builder=grouped_builder(Muon, matrix_param_groups),
-    defaults={"momentum": 0.95, "nesterov": True, "ns_steps": NS_STEPS, "ns_dtype": "bfloat16",
-              "adjust_lr": "match_rms_adamw", "adamw_betas": (0.9, 0.95), "eps": 1e-8},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
+    groups=matrix_param_groups,
     state_bytes_per_param=4.0,
     kind="matrix",
-))
+)

@@ -24,8 +24,8 @@ from torch import Tensor
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_
+from lmopt.optim.spec import register_class
 
 
 def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -40,8 +40,8 @@ def rotate(x: Tensor, Q: Tensor) -> Tensor:
     return x @ Q if x.dim() > 1 else (x.unsqueeze(0) @ Q).squeeze(0)
 
 
-class OrthoAdam(ElementwiseOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+class OrthoAdam(AdamFamily):
+    def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, seed: int = 0, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
@@ -52,11 +52,13 @@ class OrthoAdam(ElementwiseOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_rotations", {})  # a cache, not pickled: rebuilt from the seeds in the state
 
-    def _param_index(self, p: Tensor) -> int:
+    def _param_index(self, state: dict) -> int:
+        """The position of the parameter whose state is ``state`` (the step may hand ``tensors`` an fp32 working
+        copy of an fp16 parameter, so the state identifies it)."""
         index = 0
         for group in self.param_groups:
             for q in group["params"]:
-                if q is p:
+                if self.state.get(q) is state:
                     return index
                 index += 1
         raise KeyError("parameter not in optimizer")
@@ -70,40 +72,26 @@ class OrthoAdam(ElementwiseOptimizer):
     def rotation_bytes(self) -> int:
         return sum(q.numel() * q.element_size() for q in self._rotations.values())
 
-    buffers = ("exp_avg", "exp_avg_sq")
-
     def tensors(self, p, state, group):
         if "rotation_seed" not in state:
-            state["rotation_seed"] = group["seed"] + self._param_index(p)
+            state["rotation_seed"] = group["seed"] + self._param_index(state)
         return [*super().tensors(p, state, group), replicate_like(self.rotation(p, state["rotation_seed"]), p)]
-
-    def scalars(self, group, state):
-        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
-
-    def constants(self, group):
-        return {k: group[k] for k in ("betas", "eps", "weight_decay")}
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
         exp_avg, exp_avg_sq, Q = tensors
         lr, bias1, bias2 = scalars
-        beta1, beta2 = c["betas"]
-        rotated_grad = rotate(grad, Q)
-        exp_avg.lerp_(rotated_grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1 - beta2)
-        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        adam_moments_(exp_avg, exp_avg_sq, rotate(grad, Q), c["betas"])
+        direction = adam_direction(exp_avg, exp_avg_sq, bias1, bias2, c["eps"])
         decoupled_weight_decay_(p, lr, c["weight_decay"])
         add_scaled_(p, rotate(direction, Q.mT), -lr)
 
 
-register(OptimizerSpec(
+register_class(
+    OrthoAdam,
     name="ortho-adam",
     summary="OrthoAdam: AdamW in a fixed random orthogonal basis per tensor (spreads outlier coordinates)",
     source="Kaul et al. 2024, 'From Attention to Activation'",
-    builder=grouped_builder(OrthoAdam),
-    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "seed": 0, "impl": "eager"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
     state_bytes_per_param=8.0,  # plus one n x n rotation per tensor (rebuilt from its seed, not saved)
     impls=ELEMENTWISE_IMPLS,
-))
+)

@@ -34,24 +34,65 @@ class OptimizerSpec:
     kind: str = "elementwise"  # "elementwise" or "matrix"
     needs_total_steps: bool = False  # the builder takes total_steps (the trainer passes the run's length)
     impls: tuple[str, ...] = ()  # implementations of the same update (option ``impl``); the first is the default
+    cls: type[Optimizer] | None = None  # the class whose signature the defaults were read from (see class_spec)
 
 
-def grouped_builder(cls: type[Optimizer], groups: Callable[..., list[dict]] | None = None) -> Callable[..., Optimizer]:
-    """The registry builder of an lmopt optimizer class: ``cls(groups(model, weight_decay), lr=..., ...)``.
+_NOT_OPTIONS = ("self", "params", "lr", "weight_decay", "total_steps")
+_OPTION_TYPES = (bool, int, float, str, tuple, list)
 
-    ``groups`` defaults to :func:`lmopt.optim.roles.role_param_groups`; matrix optimizers pass
-    :func:`lmopt.optim.matrix.matrix_param_groups`.
+
+def signature_defaults(cls: type[Optimizer]) -> dict[str, Any]:
+    """The keyword defaults of ``cls.__init__`` (``lr``, ``weight_decay`` and ``total_steps`` included when they
+    have one); parameters without a default, ``*args``/``**kwargs`` and non-literal defaults are left out."""
+    out = {}
+    for key, p in inspect.signature(cls.__init__).parameters.items():
+        if key in ("self", "params") or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        if p.default is not inspect.Parameter.empty and isinstance(p.default, _OPTION_TYPES):
+            out[key] = p.default
+    return out
+
+
+def class_spec(cls: type[Optimizer], name: str, summary: str = "", source: str = "",
+               groups: Callable[..., list[dict]] | None = None, **fields: Any) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` of an optimizer class: its defaults, default lr and weight decay are read from
+    the class signature, so they are written once (in the class) and the registry cannot disagree with it.
+
+    The builder is ``cls(groups(model, weight_decay), lr=..., weight_decay=..., **options)`` with ``groups``
+    :func:`lmopt.optim.roles.role_param_groups` unless given (matrix optimizers pass
+    :func:`lmopt.optim.matrix.matrix_param_groups`); a class without a ``weight_decay`` parameter still gets the
+    groups' per-role weight decay, and one with ``total_steps`` gets the run's length. ``fields`` are the other
+    :class:`OptimizerSpec` fields (``state_bytes_per_param``, ``kind``, ``impls``).
     """
+    defaults = signature_defaults(cls)
+    parameters = inspect.signature(cls.__init__).parameters
+    takes_wd = "weight_decay" in parameters
     make_groups = groups or role_param_groups
 
     def builder(model: nn.Module, lr: float, weight_decay: float, **options: Any) -> Optimizer:
-        return cls(make_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+        extra = {"weight_decay": weight_decay} if takes_wd else {}
+        return cls(make_groups(model, weight_decay), lr=lr, **extra, **options)
 
-    return builder
+    number = (int, float)
+    lr, wd = defaults.pop("lr", None), defaults.pop("weight_decay", None)
+    defaults.pop("total_steps", None)
+    doc = (inspect.getdoc(cls) or "").split("\n")[0]
+    return OptimizerSpec(
+        name=name, summary=summary or doc or f"{cls.__module__}.{cls.__qualname__}",
+        source=source or f"{cls.__module__}:{cls.__qualname__}", builder=builder, defaults=defaults,
+        default_lr=lr if isinstance(lr, number) and not isinstance(lr, bool) else 1e-3,
+        default_weight_decay=wd if isinstance(wd, number) and not isinstance(wd, bool) else 0.0,
+        needs_total_steps="total_steps" in parameters, cls=cls, **fields,
+    )
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
     return OPTIMIZERS.register(spec.name, spec, spec.summary)
+
+
+def register_class(cls: type[Optimizer], name: str, summary: str, source: str, **fields: Any) -> OptimizerSpec:
+    """Register ``cls`` under ``name`` with :func:`class_spec` (its defaults read from its signature)."""
+    return register(class_spec(cls, name, summary, source, **fields))
 
 
 def _check_value(name: str, value: Any, default: Any) -> None:
@@ -151,6 +192,8 @@ def _build(name: str, model: nn.Module, lr: float | None, weight_decay: float | 
         raise OptionError(f"Invalid lr: {lr} must be non-negative")
     if weight_decay < 0:
         raise OptionError(f"Invalid weight_decay: {weight_decay} must be non-negative")
+    if spec.needs_total_steps and total_steps is None:
+        raise OptionError(f"optimizer {name!r} needs total_steps (the number of optimizer steps of the run)")
     extra = {"total_steps": total_steps} if spec.needs_total_steps else {}
     choices = {"impl": spec.impls} if spec.impls else {}
     return spec.builder(model, lr=lr, weight_decay=weight_decay, **extra, **validate_options(spec, options, choices))
@@ -160,32 +203,9 @@ def _build(name: str, model: nn.Module, lr: float | None, weight_decay: float | 
 
 
 def spec_from_class(cls: type[Optimizer], name: str) -> OptimizerSpec:
-    """An :class:`OptimizerSpec` for any ``torch.optim.Optimizer`` subclass, read from its signature.
-
-    The class gets lmopt's role groups (each carries its ``weight_decay``: 0 on embeddings, norms and 1-D
-    parameters); its keyword defaults become the spec's options (checked like lmopt's own); its ``lr`` default,
-    if any, the default lr.
-    """
-    parameters = inspect.signature(cls.__init__).parameters
-    keyword = {k: p.default for k, p in parameters.items()
-               if k not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    lr = keyword.pop("lr", inspect.Parameter.empty)
-    wd = keyword.pop("weight_decay", inspect.Parameter.empty)
-    takes_wd = "weight_decay" in parameters
-    defaults = {k: v for k, v in keyword.items()
-                if v is not inspect.Parameter.empty and isinstance(v, bool | int | float | str | tuple | list)}
-
-    def builder(model: nn.Module, lr: float, weight_decay: float, **options: Any) -> Optimizer:
-        extra = {"weight_decay": weight_decay} if takes_wd else {}
-        return cls(role_param_groups(model, weight_decay), lr=lr, **extra, **options)
-
-    doc = (inspect.getdoc(cls) or "").split("\n")[0]
-    return OptimizerSpec(
-        name=name, summary=doc or f"{cls.__module__}.{cls.__qualname__}", source=f"{cls.__module__}:{cls.__qualname__}",
-        builder=builder, defaults=defaults,
-        default_lr=lr if isinstance(lr, int | float) and not isinstance(lr, bool) else 1e-3,
-        default_weight_decay=wd if isinstance(wd, int | float) and not isinstance(wd, bool) else 0.0,
-    )
+    """An :class:`OptimizerSpec` for any ``torch.optim.Optimizer`` subclass (a user's own): :func:`class_spec`
+    with lmopt's role groups (each carries its ``weight_decay``: 0 on embeddings, norms and 1-D parameters)."""
+    return class_spec(cls, name)
 
 
 def resolve_reference(reference: str, name: str) -> OptimizerSpec:

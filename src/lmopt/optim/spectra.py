@@ -1,5 +1,5 @@
 """Spectra: spike-aware spectral shaping of the momentum (Huang et al. 2025, "Spectra: Rethinking Optimizers for
-LLMs Under Spectral Anisotropy"; we have the abstract and figure captions, ``shared/papers/spectra-*.txt``).
+LLMs Under Spectral Anisotropy"; we have the abstract and figure captions).
 
 What the paper says: gradients have "a low-rank spike + smooth tail" spectrum, "the spike occupying only about
 1.5% of directions yet dominating optimizer statistics"; second-moment normalisation lets the spike contract
@@ -44,7 +44,7 @@ from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.spec import register_class
 
 SHAPINGS = ("clip", "remove", "scale")
 IMPLS = ("batched", "per-matrix")
@@ -87,7 +87,7 @@ def shape_singular_values(s: Tensor, tau: Tensor, shaping: str, spike_scale: flo
 
 
 class Spectra(MatrixOptimizer):
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+    def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  rank_fraction: float = 0.015, power_iters: int = 1, refresh_interval: int = 1,
                  shaping: str = "clip", spike_scale: float = 0.5, rms_target: float = 0.2,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, impl: str = "batched") -> None:
@@ -244,17 +244,13 @@ def spike_operator(C: Tensor, M_energy: Tensor, r: int, shaping: str, spike_scal
     return operator.to(dtype), s.flip(-1).to(dtype), target.flip(-1).to(dtype)
 
 
-register(OptimizerSpec(
+register_class(
+    Spectra,
     name="spectra",
     summary="Spectra: momentum whose top ~1.5% singular directions are clipped to the tail's scale",
     source="Huang et al. 2025, 'Spectra: Rethinking Optimizers for LLMs Under Spectral Anisotropy'",
-    builder=grouped_builder(Spectra, matrix_param_groups),
-    defaults={"momentum": 0.95, "rank_fraction": 0.015, "power_iters": 1, "refresh_interval": 1,
-              "shaping": "clip", "spike_scale": 0.5, "rms_target": 0.2, "adamw_betas": (0.9, 0.95), "eps": 1e-8,
-              "impl": "batched"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
+    groups=matrix_param_groups,
     state_bytes_per_param=4.06,
-    impls=IMPLS,
     kind="matrix",
-))
+    impls=IMPLS,
+)

@@ -19,8 +19,8 @@ import torch
 
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
-from lmopt.optim.spec import OptimizerSpec, grouped_builder, register
+from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_
+from lmopt.optim.spec import register_class
 
 
 def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, bias2: float, eps: float) -> torch.Tensor:
@@ -29,42 +29,30 @@ def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, bias2: float, eps: 
     return (grad.square() / v_hat.clamp(min=eps * eps)).mean().sqrt()
 
 
-class StableAdamW(ElementwiseOptimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+class StableAdamW(AdamFamily):
+    def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, impl: str = "eager") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), impl)
 
-    buffers = ("exp_avg", "exp_avg_sq")
-
-    def scalars(self, group, state):
-        return (group["lr"], *bias_corrections(group["betas"], state["step"]))
-
-    def constants(self, group):
-        return {k: group[k] for k in ("betas", "eps", "weight_decay")}
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
         exp_avg, exp_avg_sq = tensors
         lr, bias1, bias2 = scalars
-        beta1, beta2 = c["betas"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        adam_moments_(exp_avg, exp_avg_sq, grad, c["betas"])
         clip = update_rms(grad, exp_avg_sq, bias2, c["eps"]).clamp(min=1.0)
         decoupled_weight_decay_(p, lr, c["weight_decay"])
-        direction = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(c["eps"]))
+        direction = adam_direction(exp_avg, exp_avg_sq, bias1, bias2, c["eps"])
         add_scaled_(p, direction.div_(clip), -lr)
 
 
-register(OptimizerSpec(
+register_class(
+    StableAdamW,
     name="stable-adamw",
     summary="StableAdamW: AdamW whose per-tensor step shrinks when RMS(g²/v̂) exceeds 1",
     source="Wortsman et al. 2023, arXiv:2304.13013",
-    builder=grouped_builder(StableAdamW),
-    defaults={"betas": (0.9, 0.95), "eps": 1e-8, "impl": "eager"},
-    default_lr=5e-3,
-    default_weight_decay=0.1,
     state_bytes_per_param=8.0,
     impls=ELEMENTWISE_IMPLS,
-))
+)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -42,6 +43,30 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmopt.data.paths import atomic_write_text
+
+
+def save_model_tensors(model: torch.nn.Module, path: Path) -> None:
+    """The model's state_dict as safetensors; a tensor reachable under several names (tied weights, e.g. a head
+    that is the embedding) is stored once, its other names kept in the file's metadata (``aliases``)."""
+    tensors, aliases, first_name = {}, {}, {}
+    for name, value in model.state_dict().items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        if key in first_name:
+            aliases[name] = first_name[key]
+            continue
+        first_name[key] = name
+        tensors[name] = value.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)} if aliases else None)
+
+
+def load_model_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state_dict :func:`save_model_tensors` wrote, aliases restored."""
+    state = load_file(str(path), device=str(device))
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        state[alias] = state[name]
+    return state
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -76,8 +101,7 @@ def save_checkpoint(
             return final
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     else:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
+        save_model_tensors(model, tmp / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():  # this process's device only, so a resume on fewer GPUs restores it too
@@ -185,7 +209,7 @@ def load_checkpoint(
         if any(hasattr(p, "full_tensor") for p in model.parameters()):
             raise ValueError(f"{path} is a single-process (or DDP) checkpoint; resume it in one process or with "
                              "--dist ddp, not under FSDP2")
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+        model.load_state_dict(load_model_tensors(path / "model.safetensors", device))
     states = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     if "optimizer" in states:
         optimizer.load_state_dict(states["optimizer"])

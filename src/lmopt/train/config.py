@@ -25,6 +25,8 @@ __all__ = ["ConfigError", "TrainConfig"]
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
+LOGGERS = ("tensorboard", "wandb")
+PROGRESS = ("auto", "bar", "lines")
 
 
 @dataclass
@@ -32,6 +34,9 @@ class TrainConfig:
     # --- what to train ---
     preset: str = "tiny"
     """model preset (``lmopt presets``)"""
+    model: str = ""
+    """your own model instead of the preset: ``package.module:factory`` returning an ``nn.Module`` that maps token
+    ids to logits (lmopt.model.user); the preset then only chooses the tokenizer"""
     tokenizer: str = ""
     """tokenizer; empty: the preset's own"""
     data: str = "brown"
@@ -105,6 +110,10 @@ class TrainConfig:
     """micro-batches averaged per spectrum measurement (>= 2)"""
     run_name: str = ""
     """run directory name under $LMOPT_RUNS; empty: derived from the config (deterministic)"""
+    loggers: str = ""
+    """also log to: tensorboard and/or wandb, comma-separated (written inside the run folder; optional extras)"""
+    progress: str = "auto"
+    """auto (a live progress bar on a terminal, else a line every log_interval) | bar | lines"""
 
     # -------------------------------------------------------------------------------------------------------
 
@@ -167,13 +176,18 @@ class TrainConfig:
         """
         cosmetic = {"run_name", "log_interval", "ckpt_interval", "keep_checkpoints", "threads", "dist",
                     "spectrum_interval", "spectrum_micro_batches", "micro_batch_tokens", "activation_checkpointing",
-                    "peak_flops"}
+                    "peak_flops", "loggers", "progress"}
         content = {k: v for k, v in self.to_dict().items() if k not in cosmetic} | {"grad_accum": 1}
+        if not self.model:  # a field added later: left out at its default, so earlier fingerprints hold
+            del content["model"]
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:
         lr = "default" if self.lr is None else f"{self.lr:g}"
         return f"{self.preset}-{self.data}-{self.optimizer}-lr{lr}-s{self.seed}-{self.fingerprint()}"
+
+    def logger_names(self) -> list[str]:
+        return [name.strip() for name in self.loggers.split(",") if name.strip()]
 
     def resolved_tokenizer(self) -> str:
         return self.tokenizer or PRESETS.get(self.preset).tokenizer
@@ -227,7 +241,10 @@ class TrainConfig:
         """Check every name and number; raise :class:`ConfigError` or an ``UnknownNameError``."""
         preset = PRESETS.get(self.preset)
         tokenizer = TOKENIZERS.get(self.resolved_tokenizer())
-        if tokenizer.vocab_size > preset.config.vocab_size:
+        if self.model and ":" not in self.model:
+            raise ConfigError(f"model {self.model!r} must be package.module:factory (or leave it empty and choose "
+                              "a --preset)")
+        if not self.model and tokenizer.vocab_size > preset.config.vocab_size:
             raise ConfigError(
                 f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids but preset {self.preset!r} "
                 f"has a vocabulary of {preset.config.vocab_size}"
@@ -237,6 +254,12 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("dist", self.dist, ("auto", "none", "fsdp", "ddp"))
+        _choice("progress", self.progress, PROGRESS)
+        for logger in self.logger_names():
+            _choice("logger", logger, LOGGERS)
+        if self.model and self.spectrum_interval:
+            raise ConfigError("spectrum_interval measures lmopt's own model (its attention and MLP matrices); "
+                              "it is not available with --model")
         positive = ("seq_len", "batch_tokens", "eval_interval", "eval_tokens", "log_interval", "keep_checkpoints")
         for key in positive:
             if getattr(self, key) <= 0:
@@ -259,7 +282,7 @@ class TrainConfig:
         for key in ("warmup_frac", "min_lr_ratio", "decay_frac"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
-        if self.seq_len > preset.config.max_seq_len:
+        if not self.model and self.seq_len > preset.config.max_seq_len:
             raise ConfigError(f"seq_len {self.seq_len} exceeds the preset's max_seq_len {preset.config.max_seq_len}")
         if self.num_steps() <= 0:
             raise ConfigError(

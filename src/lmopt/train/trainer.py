@@ -17,18 +17,18 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import lmopt
-from lmopt.data import BatchLoader, eval_batches, load_prepared
+from lmopt.data import eval_batches
 from lmopt.data.paths import atomic_write_text, runs_home
-from lmopt.model import build_model, get_preset
 from lmopt.model.parallelize import gradient_sync, init_distributed, parallelize, resolve_mode, world_from_env
-from lmopt.optim import build
-from lmopt.registry import OPTIMIZERS
+from lmopt.train.build import load_data, make_loader, make_model, make_optimizer, make_scheduler
+from lmopt.train.callbacks import Callback, ProgressBar, make_loggers, wants_bar
 from lmopt.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -49,7 +49,6 @@ from lmopt.train.rundir import (
     remove_leftovers,
     run_path,
 )
-from lmopt.train.schedule import lr_factor
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,12 +82,27 @@ def format_duration(seconds: float) -> str:
 
 
 class Trainer:
+    """One run: built from its config (lmopt.train.build), then the loop. ``callbacks`` (rank 0 only) see every
+    metrics record and each step's end (lmopt.train.callbacks); the loggers ``cfg.loggers`` names and, on a
+    terminal, the progress bar are added to them."""
+
     def __init__(self, cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> None:
         self.rank, self.world_size, local_rank = world_from_env()
         self.cfg = cfg.validate(self.world_size)
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda _: None)
+        self.callbacks: list[Callback] = list(callbacks) if self.is_main else []
+        if cfg.spectrum_interval and not any(getattr(c, "measures_spectra", False) for c in callbacks):
+            raise ConfigError("spectrum_interval needs lmopt.analysis.SpectrumRecorder among the trainer's callbacks "
+                              "(`lmopt train` adds it)")
+        if self.is_main:
+            self.callbacks += make_loggers(cfg.logger_names())  # a missing package fails before anything is written
+            if cfg.progress == "bar" or (log is print and wants_bar(cfg.progress)):
+                bar = ProgressBar()
+                self.callbacks.append(bar)
+                self.log = bar.print if log is print else log
+        self.live_progress = any(isinstance(c, ProgressBar) for c in self.callbacks)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
@@ -113,29 +127,13 @@ class Trainer:
 
         # Build everything (and fail on bad names or options) before anything is written or deleted.
         self.data = self._load_data()
-        preset = get_preset(cfg.preset)
-        if self.data.vocab_size > preset.config.vocab_size:
-            raise ConfigError(f"data {cfg.data!r} has vocabulary {self.data.vocab_size} > the preset's "
-                              f"{preset.config.vocab_size}")
-        self.model = build_model(preset.config, seed=cfg.seed, device=self.device)  # identical on every rank
-        self.model.activation_checkpointing = cfg.activation_checkpointing
+        self.model = make_model(cfg, self.data.vocab_size, self.device)  # identical on every rank
         self.micro_batch, self.grad_accum = self._micro_batching()
         self.wrapped = parallelize(self.model, self.mode, self.device)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        optim_options = dict(cfg.optim)
-        if cfg.compile and "compiled" in OPTIMIZERS.get(cfg.optimizer).impls:
-            optim_options.setdefault("impl", "compiled")
-        self.optimizer = build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               total_steps=self.total_steps, **optim_options)
-        warmup = round(cfg.warmup_frac * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac),
-        )
-        # one step's sequences of this rank at a time, cut into micro-batches by train_step: the data of a step
-        # depends neither on the number of ranks nor on the micro-batch size
-        self.loader = BatchLoader(self.data.train, cfg.seq_len, cfg.rank_sequences(self.world_size), seed=cfg.seed,
-                                  rank=self.rank, world_size=self.world_size)
+        self.optimizer = make_optimizer(cfg, self.model, self.total_steps)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps)
+        self.loader = make_loader(cfg, self.data, self.rank, self.world_size)
         self.peak_flops = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(self.device))
                                              if self.device.type == "cuda" else None)
         self._session_steps, self._session_seconds = 0, 0.0
@@ -160,7 +158,10 @@ class Trainer:
             self.metrics = (MetricsWriter(self.run_dir / "metrics.jsonl", resume_step, log=self.log) if self.is_main
                             else NullMetrics())
             self._write_run_config()
+            for callback in self.callbacks:
+                callback.on_start(self)
         except BaseException:
+            self._close_callbacks(failed=True)
             self._release_run_dir(failed=checkpoint is None)
             raise
 
@@ -169,13 +170,11 @@ class Trainer:
     def _load_data(self):
         """The prepared data; under torchrun rank 0 prepares (if needed) and checks the shards' SHA-256 first,
         then the other ranks open them unchecked (one preparation, one check per job)."""
-        cfg = self.cfg
         if self.mode == "none":
-            return load_prepared(cfg.data, cfg.resolved_tokenizer())
-        data = load_prepared(cfg.data, cfg.resolved_tokenizer()) if self.is_main else None
+            return load_data(self.cfg)
+        data = load_data(self.cfg) if self.is_main else None
         self._barrier()
-        return data if self.is_main else load_prepared(cfg.data, cfg.resolved_tokenizer(), auto_prepare=False,
-                                                       verify=False)
+        return data if self.is_main else load_data(self.cfg, auto_prepare=False, verify=False)
 
     def _micro_batching(self) -> tuple[int, int]:
         """(sequences per forward pass, micro-batches per step) on this rank; the micro-batch is chosen from
@@ -368,7 +367,7 @@ class Trainer:
         message = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
                    f"(loss {loss}, grad norm {grad_norm}); stopped before updating the weights; {where}. "
                    "Lower the learning rate or raise warm-up, then resume or restart.")
-        self.metrics.write("diverged", step=self.step + 1, tokens=self.tokens, train_loss=loss, grad_norm=grad_norm)
+        self.record("diverged", step=self.step + 1, tokens=self.tokens, train_loss=loss, grad_norm=grad_norm)
         self._stop(message)
 
     def _stop(self, message: str) -> None:
@@ -377,28 +376,23 @@ class Trainer:
         self.close()
         raise TrainingDiverged(message)
 
+    def record(self, event: str, **fields: Any) -> None:
+        """Write a metrics record (metrics.jsonl) and show it to the callbacks."""
+        self.metrics.write(event, **fields)
+        for callback in self.callbacks:
+            callback.on_record(self, event, fields)
+
+    def _close_callbacks(self, failed: bool) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                callback.on_close(self, failed)
+
     def _record_eval(self) -> None:
         val = self.evaluate()
         self.val_history.append((self.step, self.tokens, val))
-        self.metrics.write("eval", step=self.step, tokens=self.tokens, val_loss=val)
+        self.record("eval", step=self.step, tokens=self.tokens, val_loss=val)
         self.log(f"step {self.step:>6}/{self.total_steps} | val loss {val:.4f}")
-
-    def _record_spectrum(self) -> None:
-        """Gradient spectra of layers 0 and -1 (lmopt.analysis); leaves weights, grads and data order as they were."""
-        from lmopt.analysis.collect import analyse_model
-
-        if not hasattr(self, "_spectrum_loader"):
-            self._spectrum_loader = BatchLoader(self.data.train, self.cfg.seq_len, self.cfg.micro_batch_size(),
-                                                seed=self.cfg.seed + 1)
-        reports = analyse_model(self.model, self.optimizer, self._spectrum_loader, [0, -1],
-                                self.cfg.spectrum_micro_batches, self.device)
-        record = {"run": self.run_dir.name, "step": self.step, "tokens": self.tokens, "preset": self.cfg.preset,
-                  "optimizer": self.cfg.optimizer, "micro_batches": self.cfg.spectrum_micro_batches,
-                  "matrices": reports}
-        atomic_write_text(self.run_dir / "spectrum" / f"step_{self.step:08d}.json", json.dumps(record))
-        spikes = [r["spike"]["fraction"] for r in reports.values()]
-        self.metrics.write("spectrum", step=self.step, tokens=self.tokens,
-                           mean_spike_fraction=sum(spikes) / len(spikes))
 
     def _state_is_finite(self) -> bool:
         """Whether every weight and every floating-point optimizer state tensor is finite, on every rank."""
@@ -416,7 +410,7 @@ class Trainer:
         if not self._state_is_finite():
             last = latest_checkpoint(self.run_dir)
             where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
-            self.metrics.write("diverged", step=self.step, tokens=self.tokens, reason="non-finite weights")
+            self.record("diverged", step=self.step, tokens=self.tokens, reason="non-finite weights")
             self._stop(f"non-finite weights or optimizer state after the update of step {self.step}; not saved; "
                        f"{where}. Lower the learning rate or weight decay, then resume or restart.")
         state = {"tokens": self.tokens, "data": self.loader.state_dict(), "fingerprint": self.cfg.fingerprint(),
@@ -467,10 +461,10 @@ class Trainer:
         if not compiling:
             self._session_step_times.append(dt)
         lr = self.scheduler.get_last_lr()[0]
-        self.metrics.write("train", step=self.step, tokens=self.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
+        self.record("train", step=self.step, tokens=self.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
                            step_time=dt, **self._throughput(dt), elapsed=time.time() - start,
                            **({"compile": True} if compiling else {}))
-        if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+        if (self.step % cfg.log_interval == 0 or self.step == self.total_steps) and not self.live_progress:
             line = f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f}"
             if self._session_step_times:
                 mean = sum(self._session_step_times) / len(self._session_step_times)
@@ -495,15 +489,16 @@ class Trainer:
             self._timed_step(start)
             if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self._record_eval()
-            if cfg.spectrum_interval and self.step % cfg.spectrum_interval == 0:
-                self._record_spectrum()
             if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == last_step:
                 self._save()
+            for callback in self.callbacks:
+                callback.on_step_end(self)
         summary = self.summary(self._session_seconds) | {"complete": self.step >= self.total_steps}
         if summary["complete"] and self.is_main:
-            self.metrics.write("end", **summary)
+            self.record("end", **summary)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.metrics.close()
+        self._close_callbacks(failed=False)
         self._release_run_dir()
         return summary
 
@@ -528,6 +523,7 @@ class Trainer:
         error, and torchrun stops the other ranks at once. gloo needs no abort: its peers see the connection
         close and fail too.
         """
+        self._close_callbacks(failed)
         self._release_run_dir()
         if self.mode == "none":
             return
@@ -569,5 +565,5 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
-          log: Callable[[str], None] = print) -> dict:
-    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log).run_and_close()
+          log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> dict:
+    return Trainer(cfg, resume=resume, overwrite=overwrite, log=log, callbacks=callbacks).run_and_close()
