@@ -14,7 +14,7 @@ RESULTS = {
     "lamb": row(0.4, 5.0), "lamb (compiled)": row(0.1, 1.3),
     "spectra": row(0.2, 2.5, state_bytes=600, state_ratio=0.75),
     "spectra (refresh every 10)": row(0.1, 1.2, state_bytes=600, state_ratio=0.75),
-    "spectra (per-matrix)": row(0.05, 0.5, state_bytes=600, state_ratio=0.75),
+    "spectra (for-loop)": row(0.05, 0.5, state_bytes=600, state_ratio=0.75),
     "torch.optim.Muon (matrices only)": row(2.0, 25.0, state_bytes=200),
     "lmopt muon (matrices only)": row(1.0, 12.0, state_bytes=200),
 }

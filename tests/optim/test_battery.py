@@ -79,7 +79,7 @@ def test_the_fixture_has_the_roles_it_claims():
 def test_the_implementation_asked_for_is_the_one_that_runs(name, impl):
     model, opt = fixture(name, impl)
     info.train(opt, list(model.parameters()), range(2))
-    assert info.impl_in_use(opt) == impl  # a compiled path that fell back to eager would say "eager" here
+    assert info.impl_in_use(opt) == impl  # a compiled path that fell back to eager would say "for-loop" here
 
 
 @cases

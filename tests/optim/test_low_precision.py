@@ -61,7 +61,7 @@ def test_fp16_parameters_get_fp32_moments(name):
         assert moments and all(v.dtype == expected for v in moments), (name, dtype)
 
 
-@pytest.mark.parametrize("impl", ["batched", "per-matrix"])
+@pytest.mark.parametrize("impl", ["foreach", "for-loop"])
 def test_spectra_keeps_an_fp32_basis_and_tracks_fp32_on_bf16(impl):
     """bf16 parameters: the basis stays fp32, the momentum bf16, and the losses follow an fp32 model's."""
     runs = {}

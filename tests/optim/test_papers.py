@@ -269,10 +269,10 @@ def test_spectra_state_is_about_half_of_adamws_on_the_matrices():
 def test_spectra_batched_path_equals_the_per_matrix_update(shaping, refresh_interval):
     # Same math, different order (||O|| from singular values, the low-rank term inside addmm): fp32 rounding only.
     # The toy model has wide and tall matrices and several of each shape; rank_fraction 0.2 gives k = 2-4.
-    models = {impl: toy_model() for impl in ("batched", "per-matrix")}
+    models = {impl: toy_model() for impl in ("foreach", "for-loop")}
     for impl, model in models.items():
         opt = make("spectra", model, impl=impl, shaping=shaping, refresh_interval=refresh_interval,
                    rank_fraction=0.2)
         run(model, opt, 6)
-    for a, b in zip(params(models["batched"]), params(models["per-matrix"]), strict=True):
+    for a, b in zip(params(models["foreach"]), params(models["for-loop"]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -55,7 +55,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
             out[name] = (name, {})
         if compiled and "compiled" in OPTIMIZERS.get(name).impls:
             out[f"{name} (compiled)"] = (name, {"impl": "compiled"})
-    out["spectra (per-matrix)"] = ("spectra", {"impl": "per-matrix"})
+    out["spectra (for-loop)"] = ("spectra", {"impl": "for-loop"})
     out[f"spectra (refresh every {SPECTRA_REFRESH})"] = ("spectra", {"refresh_interval": SPECTRA_REFRESH})
     return out
 

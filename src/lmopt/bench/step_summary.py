@@ -25,7 +25,7 @@ def fastest_rows(results: dict) -> dict[str, str]:
     out = {}
     for name in OPTIMIZERS.names():
         rows = [row for row in results if row == name or (row.startswith(f"{name} (") and "refresh" not in row
-                                                             and "per-matrix" not in row)]
+                                                             and "for-loop" not in row)]
         if name == "adamw":
             rows = [BASELINE] if BASELINE in results else rows
         if rows:

@@ -30,9 +30,10 @@ import math
 
 import torch
 
+from lmopt.optim.common import torch_step
 from lmopt.optim.distributed import is_dtensor, replicated
 from lmopt.optim.elementwise import run_compiled
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 IMPLS = ("foreach", "for-loop", "compiled")
 
@@ -55,7 +56,7 @@ class Adafactor(torch.optim.Adafactor):
     def __init__(self, params, lr: float = 3e-2, beta2_decay: float = -0.8, eps2: float = 1e-3, d: float = 1.0,
                  weight_decay: float = 0.0, impl: str = "foreach", **torch_options) -> None:
         if impl not in IMPLS:
-            raise ValueError(f"Invalid impl: {impl!r}; choose one of {', '.join(map(repr, IMPLS))}")
+            raise OptionError(f"Invalid impl: {impl!r}; choose one of {', '.join(map(repr, IMPLS))}")
         torch_options.setdefault("eps", (None, eps2))
         if "foreach" in torch_options:
             impl = "foreach" if torch_options["foreach"] else "for-loop"
@@ -71,7 +72,7 @@ class Adafactor(torch.optim.Adafactor):
     def step(self, closure=None):
         sharded = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
         if not sharded and self.impl != "compiled":
-            return _torch_step(self, closure)
+            return torch_step(torch.optim.Adafactor, self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -139,16 +140,6 @@ class Adafactor(torch.optim.Adafactor):
         update = var_estimate.clamp(min=eps1 * eps1).rsqrt() * grad
         denom = (replicated(update.norm(2)) / (math.sqrt(update.numel()) * d)).clamp(min=1.0)
         p.sub_(update * (alpha / denom))
-
-
-def _torch_step(optimizer: Adafactor, closure):
-    """``torch.optim.Adafactor.step`` without the hook wrapper torch puts on it once any ``torch.optim.Adafactor``
-    exists in the process: our own ``step`` is wrapped already, and calling the wrapped one would run every
-    step hook twice."""
-    step = torch.optim.Adafactor.step
-    if getattr(step, "hooked", False):
-        step = step.__wrapped__
-    return step(optimizer, closure)
 
 
 def column_mean_square(grad: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lmopt.optim.common import adamw_step_, refuse_sparse_and_complex
+from lmopt.optim.common import adamw_step_, refuse_sparse_and_complex, torch_step
 from lmopt.optim.spec import OptionError, register_class
 
 IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
@@ -55,7 +55,7 @@ class AdamW(torch.optim.AdamW):
         half = {p: p.grad for group in self.param_groups for p in group["params"]
                 if p.dtype == torch.float16 and p.grad is not None}
         if not half:
-            return super().step(closure)
+            return torch_step(torch.optim.AdamW, self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -63,7 +63,7 @@ class AdamW(torch.optim.AdamW):
         for p in half:
             p.grad = None  # hidden from torch's step
         try:
-            super().step()
+            torch_step(torch.optim.AdamW, self)
         finally:
             for p, grad in half.items():
                 p.grad = grad

@@ -18,10 +18,11 @@ Our choices where the text is silent:
   the component's *learning rate* (Eq. 2), and AdamW decays by the learning rate times λ, so a component
   stepped with η_c decays with η_c λ (what ``torch.optim.AdamW`` does with a per-group lr). Until issue 20 the
   decay used the base η; tested in tests/optim/test_papers.py.
-- memory: three fp32 buffers (12 bytes per parameter against AdamW's 8). On qwen3-134m that is 1.61 GB of
-  state against AdamW's 1.08 GB, +0.54 GB (134,430,208 parameters x 4 bytes; measured by stepping both once
-  on the model built on the meta device and summing the state tensors' bytes). The paper's +10.3 GB is 19 times
-  that: the third buffer does not explain it, and the paper does not say what does.
+- memory: three buffers (12 bytes per fp32 parameter against AdamW's 8; bf16 parameters keep bf16
+  buffers). On qwen3-134m that is 1.61 GB of state against AdamW's 1.08 GB, +0.54 GB (134,430,208
+  parameters x 4 bytes; measured by stepping both once on the model built on the meta device and summing
+  the state tensors' bytes). The paper's +10.3 GB is 19 times that: the third buffer does not explain it,
+  and the paper does not say what does.
 - α's shape: ``alpha_schedule = "linear"`` (default) or ``"cosine"``; T is the run's step count, which
   ``lmopt train`` passes as ``total_steps`` (required).
 - roles: attention ×1.2, MLP ×1.0, embeddings ×0.8; norms, head and other ×1.0.
@@ -37,7 +38,7 @@ from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
 from lmopt.optim.roles import ATTENTION_ROLES
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 PAPER_COMPONENT_SCALES = {**{r: 1.2 for r in ATTENTION_ROLES}, "mlp": 1.0, "embedding": 0.8}
 ALPHA_SCHEDULES = ("linear", "cosine")
@@ -50,20 +51,42 @@ def mixing_weight(step: int, total_steps: int, schedule: str = "linear") -> floa
         return 1.0 - progress
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"Invalid alpha_schedule {schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
+    raise OptionError(f"Invalid alpha_schedule {schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
 
 
 class AMCS(ElementwiseOptimizer):
+    """AMCS (Adaptive Momentum with Component Scaling): Adam whose momentum slides from fast to slow over the run.
+
+    m̂ = α(t) m̂_fast + (1 - α(t)) m̂_slow, with α going from 1 at the first step to 0 at step ``total_steps`` (and
+    held at 0 beyond); the step is lr_role · m̂ / (√v̂ + ε), with per-role lr scales.
+
+    Args:
+        params: parameters or parameter groups; the role rules read each group's ``role`` key, as
+            ``lmopt.optim.role_param_groups(model, weight_decay)`` makes (a group without one is "other").
+        total_steps: T, the run's number of optimizer steps (>= 1; required, ``lmopt train`` passes it).
+        lr: base learning rate (>= 0); a group's step and its weight decay use lr × its component scale.
+        betas: (β_fast, β_slow, β_v): the decays of the fast momentum, the slow momentum and the second moment,
+            each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment (> 0).
+        weight_decay: decoupled weight decay λ (>= 0), with the component-scaled lr.
+        alpha_schedule: α's shape over the run: "linear" (α = 1 - (t - 1) / (T - 1)) or "cosine"
+            (α = (1 + cos(π (t - 1) / (T - 1))) / 2).
+        component_scales: scale the lr by role: attention ×1.2, embedding ×0.8, every other role ×1.0; False
+            gives every group the base lr.
+        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop").
+    """
+
     def __init__(self, params, total_steps: int, lr: float = 5e-3,
                  betas: tuple[float, float, float] = (0.9, 0.95, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.1, alpha_schedule: str = "linear", component_scales: bool = True,
-                 impl: str = "eager") -> None:
+                 impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if total_steps < 1:
-            raise ValueError(f"Invalid total_steps: {total_steps} (AMCS needs the run's length)")
+            raise OptionError(f"Invalid total_steps: {total_steps} (AMCS needs the run's length)")
         if alpha_schedule not in ALPHA_SCHEDULES:
-            raise ValueError(f"Invalid alpha_schedule {alpha_schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
+            raise OptionError(f"Invalid alpha_schedule {alpha_schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       total_steps=total_steps, alpha_schedule=alpha_schedule,
                                       component_scales=component_scales), impl)

@@ -44,21 +44,46 @@ from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_, bias_corrections
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 PAPER_ROLE_LR_SCALES = {**{role: 1.2 for role in ATTENTION_ROLES}, "embedding": 0.8}  # every attention matrix
 
 
 class ASA(AdamFamily):
+    """ASA (Attentive Spectral Adam): AdamW whose attention steps are scaled by 1 + λ σ(W), with role lr scales.
+
+    σ(W) is the spectral norm of the attention matrix W, by power iteration warm-started from the previous step's
+    right singular vector (kept in the state as ``power_vector``).
+
+    Args:
+        params: parameters or parameter groups; the role rules read each group's ``role`` key, as
+            ``lmopt.optim.role_param_groups(model, weight_decay)`` makes (a group without one is "other").
+        lr: base learning rate (>= 0); a group's step and its weight decay use lr × its role scale.
+        betas: (β1, β2) of the first and second moments, each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment (> 0).
+        weight_decay: decoupled weight decay λ_wd (>= 0), with the role-scaled lr.
+        spectral_scale: λ (>= 0) of the factor 1 + λ σ(W), applied to the Adam direction of 2-D attention matrices
+            (roles "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv"); 0 switches it off.
+        power_iters: power iterations per step (>= 1).
+        init_power_iters: power iterations in all at the first step, from a seeded random vector
+            (>= ``power_iters``).
+        role_lr_scales: scale the lr by role: attention ×1.2, embedding ×0.8, every other role ×1 (the paper's
+            +20% / -20%). With ``spectral_scale=0`` and this False, ASA is AdamW.
+        seed: the seed of the first step's random vectors (combined with each matrix's shape).
+        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop").
+    """
+
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, spectral_scale: float = 0.1, power_iters: int = 1,
-                 init_power_iters: int = 10, role_lr_scales: bool = True, seed: int = 0, impl: str = "eager") -> None:
+                 init_power_iters: int = 10, role_lr_scales: bool = True, seed: int = 0,
+                 impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if spectral_scale < 0:
-            raise ValueError(f"Invalid spectral_scale: {spectral_scale}")
+            raise OptionError(f"Invalid spectral_scale: {spectral_scale}")
         if power_iters < 1 or init_power_iters < power_iters:
-            raise ValueError("Invalid power_iters: need 1 <= power_iters <= init_power_iters")
+            raise OptionError("Invalid power_iters: need 1 <= power_iters <= init_power_iters")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       spectral_scale=spectral_scale, power_iters=power_iters,
                                       init_power_iters=init_power_iters, role_lr_scales=role_lr_scales, seed=seed),

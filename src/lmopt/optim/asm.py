@@ -47,6 +47,26 @@ def asm_groups(groups: list[dict], qk_lr_scale: float, qk_beta1: float, lr: floa
 
 
 class ASM(AdamW):
+    """ASM (Attentive Spectral Momentum): torch's AdamW with the paper's overrides on attention q and k.
+
+    Groups whose ``role`` is "attn_q" or "attn_k" get lr × ``qk_lr_scale``, β1 = ``qk_beta1`` and no weight decay;
+    every other group is plain AdamW.
+
+    Args:
+        params: parameters or parameter groups; the overrides need groups with a ``role`` key, as
+            ``lmopt.optim.role_param_groups(model, weight_decay)`` makes (a group without one is "other", and a
+            plain list of parameters gets no override).
+        lr: base learning rate (a group's own ``lr`` replaces it; on q and k it is scaled too).
+        betas: base (β1, β2) (the paper's β1 0.95; its β2 is not given, 0.95 like lmopt's AdamW).
+        eps: added to the square root of the second moment.
+        weight_decay: decoupled weight decay λ (the update subtracts lr·λ·w); 0 on q and k with ``role_overrides``.
+        role_overrides: apply the q/k overrides; False makes ASM torch's AdamW exactly.
+        qk_lr_scale: the factor on the q and k groups' lr (default 7/6, the paper's 3.5e-4 against 3e-4, as a ratio
+            so that it follows the schedule and the lr sweep).
+        qk_beta1: β1 of the q and k groups (the paper's 0.97); their β2 stays the base one.
+        impl: "fused" (torch's fused kernel), "foreach" (multi-tensor) or "for-loop".
+    """
+
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, role_overrides: bool = True, qk_lr_scale: float = PAPER_QK_LR_SCALE,
                  qk_beta1: float = PAPER_QK_BETA1, impl: str = "fused") -> None:

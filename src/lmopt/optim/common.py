@@ -15,21 +15,22 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as torch_adam
 
 from lmopt.optim.distributed import is_dtensor
+from lmopt.optim.spec import OptionError
 
 
 def check_betas(betas: Iterable[float], name: str = "betas") -> None:
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid {name}[{i}]: {beta} (must lie in [0, 1))")
+            raise OptionError(f"Invalid {name}[{i}]: {beta} (must lie in [0, 1))")
 
 
 def check_common(lr: float, eps: float, weight_decay: float) -> None:
     if lr < 0:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        raise OptionError(f"Invalid learning rate: {lr}")
     if eps <= 0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+        raise OptionError(f"Invalid epsilon value: {eps}")
     if weight_decay < 0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        raise OptionError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def refuse_sparse_and_complex(owner: str, params: Iterable[Tensor]) -> None:
@@ -86,6 +87,16 @@ def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> None:
     """p <- p (1 - lr wd), as AdamW (Loshchilov & Hutter 2019)."""
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
+
+
+def torch_step(torch_class: type[Optimizer], optimizer: Optimizer, closure=None):
+    """``torch_class.step`` on ``optimizer`` without the hook wrapper torch puts on a class's ``step`` once an
+    instance of it exists: a subclass overriding ``step`` is wrapped already, and calling the wrapped parent
+    would run every step hook twice."""
+    step = torch_class.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step(optimizer, closure)
 
 
 def state_dtype(p: Tensor) -> torch.dtype:

@@ -9,7 +9,7 @@ StableAdamW, ASA, MSAM, AMCS, OrthoAdam) is written here as a few small pieces:
 - ``update(p, grad, tensors, scalars, constants)``: one tensor's update, in place, a pure function of its
   arguments (a ``staticmethod``). ``constants`` are the group's fixed hyper-parameters.
 
-``impl="eager"`` runs ``update`` tensor by tensor, as written. ``impl="compiled"`` runs the loop over *every*
+``impl="for-loop"`` runs ``update`` tensor by tensor, as written. ``impl="compiled"`` runs the loop over *every*
 tensor of the step as one ``torch.compile``'d function: the per-step numbers travel as one tensor (so a new
 lr or step count never recompiles), and Inductor fuses each tensor's elementwise chain into one kernel (C++
 on CPU, Triton on GPU), without a host sync. The compiled code is cached per optimizer class and parameter
@@ -35,7 +35,7 @@ from lmopt.optim.common import LmoptOptimizer, state_dtype, working_copy
 from lmopt.optim.distributed import is_dtensor
 from lmopt.optim.spec import OptionError
 
-IMPLS = ("eager", "compiled")
+IMPLS = ("for-loop", "compiled")
 RECOMPILE_LIMIT = 64  # compiled layouts (optimizer class x parameter shapes) per process before falling back
 
 Update = Callable[[Tensor, Tensor, Sequence[Tensor], Sequence, dict], None]
@@ -83,7 +83,7 @@ def _compiled_loop(update: Update) -> Callable:
 class ElementwiseOptimizer(LmoptOptimizer):
     """Base class of the per-tensor optimizers (see the module docstring)."""
 
-    def __init__(self, params, defaults: dict, impl: str = "eager") -> None:
+    def __init__(self, params, defaults: dict, impl: str = "for-loop") -> None:
         check_impl(impl)
         super().__init__(params, defaults)
         self.impl = impl
@@ -157,7 +157,7 @@ class AdamFamily(ElementwiseOptimizer):
 
 
 def run_compiled(optimizer: torch.optim.Optimizer, update: Update, params: list[Tensor], tensors: list[list[Tensor]],
-                 scalars: list[tuple[float, ...]], constants: list[dict], fallback: str = "eager",
+                 scalars: list[tuple[float, ...]], constants: list[dict], fallback: str = "for-loop",
                  grads: list[Tensor] | None = None) -> bool:
     """Run ``update`` over every tensor as one compiled function; False (after a warning, with
     ``optimizer.impl`` set to ``fallback``) when torch.compile cannot run here, before anything was updated."""

@@ -20,7 +20,7 @@ import torch
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 
 def lamb_trust(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, max_trust: float) -> torch.Tensor:
@@ -32,12 +32,29 @@ def lamb_trust(direction: torch.Tensor, p: torch.Tensor, weight_decay: float, ma
 
 
 class LAMB(AdamFamily):
+    """LAMB: Adam's direction plus weight decay, rescaled per tensor by the trust ratio.
+
+    Each tensor steps by lr · trust · r, with r = m̂ / (√v̂ + ε) + λ w and trust = min(||w||, max_trust) / ||r||
+    (1 when either norm is 0).
+
+    Args:
+        params: parameters or parameter groups (``lmopt.optim.role_param_groups(model, weight_decay)`` gives
+            weight decay to matrices only).
+        lr: learning rate (>= 0), multiplied by each tensor's trust ratio.
+        betas: (β1, β2) of the first and second moments, each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment (> 0).
+        weight_decay: λ (>= 0), added to the Adam direction inside the trust ratio (so also scaled by it).
+        max_trust: the cap on ||w|| in the trust ratio's numerator (> 0; the NVIDIA/apex clip).
+        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop").
+    """
+
     def __init__(self, params, lr: float = 2e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, max_trust: float = 10.0, impl: str = "eager") -> None:
+                 weight_decay: float = 0.01, max_trust: float = 10.0, impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if max_trust <= 0:
-            raise ValueError(f"Invalid max_trust: {max_trust}")
+            raise OptionError(f"Invalid max_trust: {max_trust}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust),
                          impl)
 

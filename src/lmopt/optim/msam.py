@@ -22,7 +22,7 @@ Our choices where the text is silent:
   "Embeddings/Norms" rule. α is clamped to [0, 1].
 - β3 = 0.999 (Adam's default); the paper's "learning rates based on layer type" are not specified, so all
   roles share the lr.
-Memory: three fp32 buffers per parameter (12 bytes), 1.5x AdamW's.
+Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 for bf16), 1.5x AdamW's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lmopt.optim.distributed import replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.roles import ATTENTION_ROLES
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 STABILITY_MEASURES = ("cosine", "variance")
 
@@ -58,16 +58,37 @@ def gradient_stability(grad: Tensor, slow: Tensor, measure: str = "cosine") -> T
         return cos.clamp(0.0, 1.0)
     if measure == "variance":
         return (1 - (g - s).square().sum() / (g.square().sum() + s.square().sum()).clamp(min=1e-30)).clamp(0.0, 1.0)
-    raise ValueError(f"Invalid stability measure {measure!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+    raise OptionError(f"Invalid stability measure {measure!r}; choose one of {', '.join(STABILITY_MEASURES)}")
 
 
 class MSAM(ElementwiseOptimizer):
+    """MSAM (Multi-Scale Adaptive Momentum): Adam with a fast and a slow momentum, mixed per role by gradient stability.
+
+    m̂ = α m̂_fast + (1 - α) m̂_slow, with α = 0.85 + 0.1 γ on attention, 0.05 γ on embeddings and norms and
+    0.6 + 0.3 γ on every other role (clamped to [0, 1]); γ ∈ [0, 1] is the agreement of the gradient with the slow
+    momentum before this step (see ``stability``). The step is lr · m̂ / (√v̂ + ε).
+
+    Args:
+        params: parameters or parameter groups; the role rules read each group's ``role`` key, as
+            ``lmopt.optim.role_param_groups(model, weight_decay)`` makes (a group without one is "other").
+        lr: learning rate (>= 0), the same for every role.
+        betas: (β_fast, β_slow, β_v): the decays of the fast momentum, the slow momentum and the second moment,
+            each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment (> 0).
+        weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
+        stability: the measure γ: "cosine" (max(0, cos(g, m_slow))) or "variance"
+            (1 - ||g - m_slow||² / (||g||² + ||m_slow||²), clamped to [0, 1]).
+        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop").
+    """
+
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine", impl: str = "eager") -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine",
+                 impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if stability not in STABILITY_MEASURES:
-            raise ValueError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+            raise OptionError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability),
                          impl)
 

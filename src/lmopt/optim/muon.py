@@ -29,7 +29,7 @@ from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -41,10 +41,39 @@ def adjusted_lr(lr: float, shape: tuple[int, ...], adjust: str) -> float:
         return lr * math.sqrt(max(1, rows / cols))
     if adjust == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
-    raise ValueError(f"Invalid adjust_lr {adjust!r}; choose one of {', '.join(ADJUST_LR)}")
+    raise OptionError(f"Invalid adjust_lr {adjust!r}; choose one of {', '.join(ADJUST_LR)}")
 
 
 class Muon(MatrixOptimizer):
+    """Muon: momentum orthogonalised by Newton–Schulz on hidden matrices, AdamW on the other parameters.
+
+    Per matrix W (m x n): B <- B.lerp(g, 1 - momentum), O = NS(g.lerp(B, momentum)) with Nesterov (else NS(B)),
+    W <- W (1 - lr λ) - lr · adjust(m, n) · O. The same algorithm as ``torch.optim.Muon``.
+
+    Args:
+        params: 2-D hidden matrices, or parameter groups from ``lmopt.optim.matrix_param_groups(model,
+            weight_decay)`` (what ``lmopt.optim.build("muon", model)`` uses). A group with ``matrix=False`` runs the
+            AdamW part (with ``adamw_betas`` and ``eps``); a group without the key is a matrix group, so passing
+            tensors that are not 2-D directly (e.g. ``Muon(model.parameters())``) raises ``ValueError``. A 2-D
+            tensor that looks like an embedding or output head warns in a matrix group.
+        lr: learning rate (>= 0): the AdamW part's as given; a matrix's step multiplies it by ``adjust_lr``'s
+            factor.
+        weight_decay: decoupled weight decay λ (>= 0), with the unadjusted lr on matrices (W <- W (1 - lr λ)) and
+            as AdamW's on the other parameters.
+        momentum: μ of the momentum buffer, an EMA of the gradient (B <- μ B + (1 - μ) g), in [0, 1).
+        nesterov: orthogonalise Nesterov's combination ``g.lerp(B, momentum)`` instead of the buffer B.
+        ns_steps: the number of Newton–Schulz iterations.
+        ns_coefficients: (a, b, c) of the quintic iteration X <- a X + (b A + c A²) X, A = X Xᵀ (Keller Jordan's
+            by default).
+        ns_eps: the floor of the Frobenius norm by which the matrix is divided before the iterations.
+        ns_dtype: the precision of Newton–Schulz: "bfloat16" (Keller's and torch's), "float32" or "float64".
+        adjust_lr: the matrices' lr factor for an m x n matrix: "match_rms_adamw" (Moonshot's 0.2 sqrt(max(m, n)),
+            which gives the update a typical AdamW update's RMS, so AdamW's lr and weight decay carry over) or
+            "original" (Keller's sqrt(max(1, m/n))).
+        adamw_betas: (β1, β2) of the AdamW part (groups with ``matrix=False``), each in [0, 1).
+        eps: the AdamW part's epsilon, added to the square root of its second moment (> 0).
+    """
+
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple = NS_COEFFICIENTS,
                  ns_eps: float = NS_EPS, ns_dtype: str = "bfloat16", adjust_lr: str = "match_rms_adamw",
@@ -53,9 +82,9 @@ class Muon(MatrixOptimizer):
         check_betas([momentum], "momentum")
         check_betas(adamw_betas, "adamw_betas")
         if adjust_lr not in ADJUST_LR:
-            raise ValueError(f"Invalid adjust_lr {adjust_lr!r}; choose one of {', '.join(ADJUST_LR)}")
+            raise OptionError(f"Invalid adjust_lr {adjust_lr!r}; choose one of {', '.join(ADJUST_LR)}")
         if ns_dtype not in NS_DTYPES:
-            raise ValueError(f"Invalid ns_dtype {ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
+            raise OptionError(f"Invalid ns_dtype {ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps,
                                       ns_dtype=ns_dtype, adjust_lr=adjust_lr, adamw_betas=adamw_betas, eps=eps))

@@ -41,8 +41,26 @@ def rotate(x: Tensor, Q: Tensor) -> Tensor:
 
 
 class OrthoAdam(AdamFamily):
+    """OrthoAdam: AdamW in a fixed random orthogonal basis per tensor.
+
+    The gradient's last dimension n is rotated by a Haar-random orthogonal Q (n x n, one per tensor, fixed for the
+    run), Adam's moments and direction are computed in that basis, and the direction is rotated back by Qᵀ.
+
+    Args:
+        params: parameters or parameter groups (``lmopt.optim.role_param_groups(model, weight_decay)`` gives
+            weight decay to matrices only).
+        lr: learning rate (>= 0).
+        betas: (β1, β2) of the first and second moments (in the rotated basis), each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment (> 0).
+        weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
+        seed: the seed of the rotations: a tensor's Q is drawn from a ``torch.Generator`` seeded with seed + its
+            position among the optimizer's parameters; the state keeps that seed (``rotation_seed``), not Q.
+        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop").
+    """
+
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, seed: int = 0, impl: str = "eager") -> None:
+                 weight_decay: float = 0.1, seed: int = 0, impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed), impl)

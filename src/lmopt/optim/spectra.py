@@ -44,10 +44,10 @@ from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 SHAPINGS = ("clip", "remove", "scale")
-IMPLS = ("batched", "per-matrix")
+IMPLS = ("foreach", "for-loop")
 
 
 def spike_rank(rows: int, cols: int, rank_fraction: float) -> int:
@@ -83,27 +83,60 @@ def shape_singular_values(s: Tensor, tau: Tensor, shaping: str, spike_scale: flo
         return torch.zeros_like(s)
     if shaping == "scale":
         return s * spike_scale
-    raise ValueError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
+    raise OptionError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
 
 
 class Spectra(MatrixOptimizer):
+    """Spectra: momentum whose top singular ("spike") directions are shaped, on hidden matrices; AdamW elsewhere.
+
+    Per matrix: an EMA momentum M; a warm-started orthonormal basis U of its top k = ceil(rank_fraction · min(m, n))
+    left singular directions (at least 1); the spike's k singular values reshaped, the tail left as it is; the
+    result O scaled to RMS ``rms_target``: W <- W (1 - lr λ) - lr · rms_target · O / RMS(O). See the module
+    docstring for the details.
+
+    Args:
+        params: 2-D hidden matrices, or parameter groups from ``lmopt.optim.matrix_param_groups(model,
+            weight_decay)`` (what ``lmopt.optim.build("spectra", model)`` uses). A group with ``matrix=False`` runs the
+            AdamW part (with ``adamw_betas`` and ``eps``); a group without the key is a matrix group, so passing
+            tensors that are not 2-D directly (e.g. ``Spectra(model.parameters())``) raises ``ValueError``. A 2-D
+            tensor that looks like an embedding or output head warns in a matrix group.
+        lr: learning rate (>= 0), of the matrices' step and of the AdamW part.
+        weight_decay: decoupled weight decay λ (>= 0): W <- W (1 - lr λ) on matrices, AdamW's on the other
+            parameters.
+        momentum: β of the momentum M <- β M + (1 - β) g, in [0, 1).
+        rank_fraction: the spike's share of a matrix's min(m, n) singular directions, in (0, 1].
+        power_iters: block power iterations U <- qr(M (Mᵀ U)).Q per refresh (>= 1).
+        refresh_interval: refresh U every this many steps (>= 1); at its first step U is M's exact top-k left
+            singular vectors (one SVD per matrix).
+        shaping: the spike's new singular values: "clip" (min(s, τ), τ the tail's RMS singular value), "remove"
+            (0: the spike directions are dropped) or "scale" (spike_scale · s).
+        spike_scale: the factor of ``shaping="scale"`` (unused by the other shapings).
+        rms_target: the RMS of a matrix's step before lr and weight decay (> 0; the default gives an AdamW-sized
+            step, so AdamW's lr carries over).
+        adamw_betas: (β1, β2) of the AdamW part (groups with ``matrix=False``), each in [0, 1).
+        eps: the AdamW part's epsilon, added to the square root of its second moment (> 0).
+        impl: "foreach" (the large products per matrix, the k-sized work batched per shape, no SVD after the
+            first step) or "for-loop" (the update as written, one whole matrix at a time). FSDP2-sharded
+            (DTensor) parameters always take "for-loop".
+    """
+
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  rank_fraction: float = 0.015, power_iters: int = 1, refresh_interval: int = 1,
                  shaping: str = "clip", spike_scale: float = 0.5, rms_target: float = 0.2,
-                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, impl: str = "batched") -> None:
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, impl: str = "foreach") -> None:
         check_common(lr, eps, weight_decay)
         if impl not in IMPLS:
-            raise ValueError(f"Invalid impl {impl!r}; choose one of {', '.join(IMPLS)}")
+            raise OptionError(f"Invalid impl {impl!r}; choose one of {', '.join(IMPLS)}")
         check_betas([momentum], "momentum")
         check_betas(adamw_betas, "adamw_betas")
         if not 0 < rank_fraction <= 1:
-            raise ValueError(f"Invalid rank_fraction: {rank_fraction} (must lie in (0, 1])")
+            raise OptionError(f"Invalid rank_fraction: {rank_fraction} (must lie in (0, 1])")
         if power_iters < 1 or refresh_interval < 1:
-            raise ValueError("Invalid power_iters / refresh_interval: both must be at least 1")
+            raise OptionError("Invalid power_iters / refresh_interval: both must be at least 1")
         if shaping not in SHAPINGS:
-            raise ValueError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
+            raise OptionError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
         if rms_target <= 0:
-            raise ValueError(f"Invalid rms_target: {rms_target}")
+            raise OptionError(f"Invalid rms_target: {rms_target}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       rank_fraction=rank_fraction, power_iters=power_iters,
                                       refresh_interval=refresh_interval, shaping=shaping, spike_scale=spike_scale,
@@ -119,7 +152,7 @@ class Spectra(MatrixOptimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             momenta.append(state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]))
-        if self.impl == "batched" and not any(is_dtensor(p) for p in params):
+        if self.impl == "foreach" and not any(is_dtensor(p) for p in params):
             self._batched_step(group, params, momenta)
         else:
             self._per_matrix_step(group, params, momenta)

@@ -30,8 +30,25 @@ def update_rms(grad: torch.Tensor, exp_avg_sq: torch.Tensor, bias2: float, eps: 
 
 
 class StableAdamW(AdamFamily):
+    """StableAdamW: AdamW with AdaFactor-style update clipping per tensor.
+
+    Each tensor's Adam step uses lr / max(1, RMS), RMS = sqrt(mean(g² / max(v̂, ε²))): it shrinks when the gradient
+    exceeds its running second moment. Weight decay uses the unclipped lr.
+
+    Args:
+        params: parameters or parameter groups (``lmopt.optim.role_param_groups(model, weight_decay)`` gives
+            weight decay to matrices only).
+        lr: learning rate (>= 0).
+        betas: (β1, β2) of the first and second moments, each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment; ε² is also the floor of v̂ in the RMS
+            (> 0).
+        weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
+        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop").
+    """
+
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, impl: str = "eager") -> None:
+                 weight_decay: float = 0.1, impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), impl)

@@ -22,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+from lmopt.train.checkpoint import read_trainer_state, usable_checkpoints, verify_checkpoint
 from lmopt.train.errors import ConfigError
 
 MARKER = ".lmopt-run"
@@ -157,3 +158,76 @@ def remove_leftovers(path: Path) -> list[str]:
                 leftover.unlink(missing_ok=True)
             removed.append(str(leftover.relative_to(path)))
     return removed
+
+
+def choose_checkpoint(run_dir: Path, fingerprint: str, log=print) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies and was made with the config of ``fingerprint``;
+    says why others were skipped. A checkpoint of another config is an error (resume with the same settings)."""
+    for candidate in usable_checkpoints(run_dir):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            try:
+                state = read_trainer_state(candidate)
+            except (OSError, ValueError) as err:
+                problem = f"{candidate / 'trainer.json'} is unreadable ({err})"
+        if problem is not None:
+            log(f"warning: skipping checkpoint {candidate.name}: {problem}")
+            continue
+        if state["fingerprint"] != fingerprint:
+            raise ConfigError(f"{candidate} was made with a different config ({state['fingerprint']} vs "
+                              f"{fingerprint}); resume with the same settings or use a new run name")
+        return candidate
+    return None
+
+
+def plan_run_folder(run_dir: Path, resume: bool | str, overwrite: bool, fingerprint: str,
+                    log=print) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), after checking the folder allows it; writes nothing.
+
+    ``resume``: False (start; the folder must be absent or empty, or an lmopt run with ``overwrite``), True
+    (continue; a usable checkpoint must exist) or ``"auto"`` (continue if there is a usable checkpoint, else
+    start afresh, replacing an lmopt run of that name: what ``lmopt bench run`` does).
+    """
+    mode = {False: "no", True: "yes"}.get(resume, resume)
+    if mode not in ("no", "yes", "auto"):
+        raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
+    if mode != "no" and run_dir.is_dir() and is_lmopt_run(run_dir):
+        checkpoint = choose_checkpoint(run_dir, fingerprint, log)
+        if checkpoint is not None:
+            return checkpoint
+        if mode == "yes":
+            raise ConfigError(f"--resume: {run_dir} has no usable checkpoint; start it again with "
+                              "--overwrite (or without --resume under another --run-name)")
+    elif mode == "yes" and run_dir.exists():
+        raise ConfigError(f"--resume: {run_dir} is not an lmopt run folder")
+    elif mode == "yes":
+        raise ConfigError(f"--resume: there is no run {run_dir.name!r} in {run_dir.parent}; drop --resume to start it")
+    check_can_start(run_dir, overwrite or mode == "auto")
+    return None
+
+
+class RunFolder:
+    """The claim on a run folder: its lock, and (for a fresh start) the folder cleared and marked; ``release``
+    gives it up, leaving no empty folder behind after a failed fresh start."""
+
+    def __init__(self, run_dir: Path, fresh: bool, log=print) -> None:
+        self.lock: RunLock | None = RunLock(run_dir)
+        self.run_dir = run_dir
+        try:
+            if fresh:
+                clear_run(run_dir)
+                mark_run(run_dir)
+            else:
+                for leftover in remove_leftovers(run_dir):
+                    log(f"removed {leftover}, left by an interrupted run")
+        except BaseException:
+            self.release(failed=fresh)
+            raise
+
+    def release(self, failed: bool = False) -> None:
+        if self.lock is None:
+            return
+        if failed and self.lock.created:
+            clear_run(self.run_dir)
+        self.lock.release(remove_folder_if_empty=failed)
+        self.lock = None

@@ -29,26 +29,11 @@ from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.model.parallelize import gradient_sync, init_distributed, parallelize, resolve_mode, world_from_env
 from lmopt.train.build import load_data, make_loader, make_model, make_optimizer, make_scheduler
 from lmopt.train.callbacks import Callback, ProgressBar, make_loggers, wants_bar
-from lmopt.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
-    save_checkpoint,
-    usable_checkpoints,
-    verify_checkpoint,
-)
+from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmopt.train.config import ConfigError, TrainConfig
 from lmopt.train.memory import auto_micro_batch, peak_flops
 from lmopt.train.metrics import MetricsWriter, NullMetrics, read_metrics
-from lmopt.train.rundir import (
-    RunLock,
-    check_can_start,
-    clear_run,
-    is_lmopt_run,
-    mark_run,
-    remove_leftovers,
-    run_path,
-)
+from lmopt.train.rundir import RunFolder, plan_run_folder, run_path
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,7 +108,7 @@ class Trainer:
         self.total_steps = cfg.num_steps()
         self.run_dir = run_path(runs_home(), cfg.run_name or cfg.default_run_name())
         # Decide how the run folder will be used and check it, writing nothing yet.
-        checkpoint = self._plan_run_dir(resume, overwrite)
+        checkpoint = plan_run_folder(self.run_dir, resume, overwrite, self.cfg.fingerprint(), self.log)
 
         # Build everything (and fail on bad names or options) before anything is written or deleted.
         self.data = self._load_data()
@@ -143,9 +128,9 @@ class Trainer:
         self.resumed_from: Path | None = None
 
         # Only now claim the folder: lock it, and clear it when starting afresh.
-        self._lock: RunLock | None = None
+        self._folder: RunFolder | None = None
         if self.is_main:
-            self._claim_run_dir(fresh=checkpoint is None)
+            self._folder = RunFolder(self.run_dir, fresh=checkpoint is None, log=self.log)
         self._barrier()
         try:
             if checkpoint is not None:
@@ -189,70 +174,10 @@ class Trainer:
         micro = cfg.micro_batch_size(self.world_size, auto)
         return micro, cfg.rank_sequences(self.world_size) // micro
 
-    def _plan_run_dir(self, resume: bool | str, overwrite: bool) -> Path | None:
-        """The checkpoint to resume from (None: start afresh), after checking the folder allows it.
-
-        ``resume``: False (start; the folder must be absent or empty, or an lmopt run with ``overwrite``),
-        True (continue; a usable checkpoint must exist) or ``"auto"`` (continue if there is a usable checkpoint,
-        else start afresh, replacing an lmopt run of that name: what ``lmopt bench run`` does).
-        """
-        mode = {False: "no", True: "yes"}.get(resume, resume)
-        if mode not in ("no", "yes", "auto"):
-            raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
-        if mode != "no" and self.run_dir.is_dir() and is_lmopt_run(self.run_dir):
-            checkpoint = self._choose_checkpoint()
-            if checkpoint is not None:
-                return checkpoint
-            if mode == "yes":
-                raise ConfigError(f"--resume: {self.run_dir} has no usable checkpoint; start it again with "
-                                  "--overwrite (or without --resume under another --run-name)")
-        elif mode == "yes" and self.run_dir.exists():
-            raise ConfigError(f"--resume: {self.run_dir} is not an lmopt run folder")
-        elif mode == "yes":
-            raise ConfigError(f"--resume: there is no run {self.run_dir.name!r} in {self.run_dir.parent}; "
-                              "drop --resume to start it")
-        check_can_start(self.run_dir, overwrite or mode == "auto")
-        return None
-
-    def _choose_checkpoint(self) -> Path | None:
-        """The newest checkpoint that verifies and was made with this config; says why others were skipped."""
-        for candidate in usable_checkpoints(self.run_dir):
-            problem = verify_checkpoint(candidate)
-            if problem is None:
-                try:
-                    state = read_trainer_state(candidate)
-                except (OSError, ValueError) as err:
-                    problem = f"{candidate / 'trainer.json'} is unreadable ({err})"
-            if problem is not None:
-                self.log(f"warning: skipping checkpoint {candidate.name}: {problem}")
-                continue
-            if state["fingerprint"] != self.cfg.fingerprint():
-                raise ConfigError(f"{candidate} was made with a different config ({state['fingerprint']} vs "
-                                  f"{self.cfg.fingerprint()}); resume with the same settings or use a new run name")
-            return candidate
-        return None
-
-    def _claim_run_dir(self, fresh: bool) -> None:
-        self._lock = RunLock(self.run_dir)
-        try:
-            if fresh:
-                clear_run(self.run_dir)
-                mark_run(self.run_dir)
-            else:
-                for leftover in remove_leftovers(self.run_dir):
-                    self.log(f"removed {leftover}, left by an interrupted run")
-        except BaseException:
-            self._release_run_dir(failed=fresh)
-            raise
-
     def _release_run_dir(self, failed: bool = False) -> None:
-        """Give up the run's lock; after a failed fresh start, leave no empty folder behind."""
-        if self._lock is None:
-            return
-        if failed and self._lock.created:
-            clear_run(self.run_dir)
-        self._lock.release(remove_folder_if_empty=failed)
-        self._lock = None
+        if self._folder is not None:
+            self._folder.release(failed)
+            self._folder = None
 
     def _load(self, checkpoint: Path) -> dict:
         try:
