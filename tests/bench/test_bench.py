@@ -209,3 +209,22 @@ def test_every_suite_has_a_dry_run_plan(name):
     suite = SUITES.get(name)
     plan = suite_plan(suite, list(suite.optimizers))
     assert plan["runs"] > 0 and plan["memory"] and "suite" in plan_text(plan)
+
+
+def test_the_search_sweeps_every_knob_before_revisiting_one():
+    """Round-robin: with 4 knobs and 12 runs every knob is probed, even when the first keeps improving early
+    (protocol v1 went back to the first knob after each improvement and never reached the last)."""
+    knobs = (Knob("lr", log_values(1e-3, 4, 4), 1e-3), Knob("optim.betas.1", (0.9, 0.95, 0.99), 0.95),
+             Knob("weight_decay", (0.0, 0.1, 0.2), 0.1), Knob("warmup_frac", (0.0, 0.05, 0.1, 0.2), 0.05))
+
+    def objective(v):  # everything helps a little: lr up, β2 down, wd up, warm-up up
+        return (-math.log2(v["lr"]) * 0.1 + v["optim.betas.1"] - v["weight_decay"] * 0.5 - v["warmup_frac"])
+
+    _history, order = search(knobs, objective, budget=12)
+    best, axes = order[0], []
+    for p in order[1:]:  # the knob each probe moved, relative to the incumbent of its time
+        axes.append(next(axis for axis in range(4) if p[axis] != best[axis]))
+        best = p if objective(values_at(knobs, p)) < objective(values_at(knobs, best)) else best
+    assert set(axes) == {0, 1, 2, 3} and axes == sorted(axes)  # one sweep, in order, no knob revisited early
+    # moving along an improving knob continues on it before the next knob: lr 2e-3 then 4e-3
+    assert [values_at(knobs, p)["lr"] for p in order[1:4]] == [5e-4, 2e-3, 4e-3]
