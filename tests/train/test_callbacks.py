@@ -71,11 +71,11 @@ def test_wandb_logger_logs_offline_inside_the_run_folder(runs_dir, monkeypatch):
             super().finish(failed)
 
     logger, lines = Snapshot(), []
-    Trainer(TrainConfig(**NANO, run_name="wb"), log=lines.append, callbacks=[logger]).run()
+    Trainer(TrainConfig(**NANO, run_name="wb:1"), log=lines.append, callbacks=[logger]).run()  # ":" is not a W&B id
     assert any("logging offline" in line for line in lines)
-    offline = list((runs_dir / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    offline = list((runs_dir / "wb:1" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline and offline[0].stat().st_size > 0, "no offline W&B log inside the run folder"
-    records = read_metrics(runs_dir / "wb" / "metrics.jsonl")
+    records = read_metrics(runs_dir / "wb:1" / "metrics.jsonl")
     final_eval = [r for r in records if r["event"] == "eval"][-1]
     final_train = [r for r in records if r["event"] == "train"][-1]
     assert logger.summary == pytest.approx({"eval/val_loss": final_eval["val_loss"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,10 @@ class WandbLogger(Callback):
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
         if mode == "offline":
             trainer.log(f"wandb: logging offline into {folder} (no W&B login); `wandb sync` uploads it")
+        # one W&B run per lmopt run (a resumed run continues it); W&B ids may not contain / \ # ? % :
+        run_id = trainer.cfg.fingerprint() + "-" + re.sub(r"[^A-Za-z0-9._=+-]", "-", trainer.run_dir.name)[-40:]
         self.run = self.wandb.init(project=self.project, name=trainer.run_dir.name, dir=str(trainer.run_dir),
-                                   config=trainer.cfg.to_dict(), mode=mode, id=trainer.cfg.fingerprint() + "-"
-                                   + trainer.run_dir.name.replace("/", "-")[-40:], resume="allow")
+                                   config=trainer.cfg.to_dict(), mode=mode, id=run_id, resume="allow")
 
     def on_record(self, trainer: Trainer, event: str, record: dict[str, Any]) -> None:
         if self.run is None or "step" not in record:
