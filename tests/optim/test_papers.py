@@ -63,7 +63,7 @@ def test_muon_equals_torch_muon_step_for_step(adjust, nesterov):
     a, b = toy_model(), toy_model()
     mats_a = [p for p in a.parameters() if p.dim() == 2 and p is not a.embed_tokens.weight]
     mats_b = [p for p in b.parameters() if p.dim() == 2 and p is not b.embed_tokens.weight]
-    ours = Muon(mats_a, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr=adjust)
+    ours = Muon(mats_a, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr=adjust, ns_dtype="bfloat16")
     theirs = torch.optim.Muon(mats_b, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust)
     for step in range(5):
         for model, opt in ((a, ours), (b, theirs)):

@@ -15,7 +15,13 @@ For each hidden matrix W (m x n), with momentum μ = 0.95:
 0.2 sqrt(max(m, n)), which gives O the RMS of a typical AdamW update so AdamW's lr and weight decay carry
 over). lmopt's default and the benchmark's is ``"match_rms_adamw"``: one lr then serves the matrices and
 the AdamW-driven embeddings and norms, so the lr sweep has one axis, as for every other optimizer.
-``ns_dtype``: ``"bfloat16"`` (Keller's and torch's), ``"float32"`` or ``"float64"`` (for tests).
+``ns_dtype``: ``"auto"`` (lmopt's default: bfloat16 where the device multiplies bf16 natively, a GPU or a CPU
+with AVX-512 BF16/AMX, else float32), ``"bfloat16"`` (Keller's and torch's everywhere), ``"float32"`` or
+``"float64"`` (for tests). On a CPU without bf16 instructions torch emulates bf16 products and Newton–Schulz is
+more than 10x slower than in fp32; fp32 is also closer to the exact iteration, so "auto" trades nothing.
+``ns_coefficients``: Keller Jordan's triple for every iteration (default, as torch), ``"polar-express"`` (Amsel et
+al. 2025: a minimax quintic per iteration, :func:`lmopt.optim.kernels.polar_express`: singular values end
+closer to 1 for the same number of iterations), or a schedule of ``ns_steps`` triples.
 """
 
 from __future__ import annotations
@@ -27,12 +33,38 @@ from torch import Tensor
 
 from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
-from lmopt.optim.kernels import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
+from lmopt.optim.kernels import (
+    NS_COEFFICIENTS,
+    NS_EPS,
+    NS_STEPS,
+    coefficient_schedule,
+    fast_matmul_dtype,
+    newton_schulz,
+    polar_express,
+)
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
 from lmopt.optim.spec import OptionError, register_class
 
 ADJUST_LR = ("original", "match_rms_adamw")
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+NAMED_COEFFICIENTS = ("polar-express",)
+
+
+def ns_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """The per-iteration (a, b, c) of ``ns_coefficients``: a triple, "polar-express", or a list of triples."""
+    if isinstance(coefficients, str):
+        if coefficients not in NAMED_COEFFICIENTS:
+            raise OptionError(f"Invalid ns_coefficients {coefficients!r}: give an (a, b, c) triple, a list of "
+                              f"ns_steps triples, or one of {', '.join(NAMED_COEFFICIENTS)}")
+        return list(polar_express(steps))
+    try:
+        return coefficient_schedule(coefficients, steps)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"Invalid ns_coefficients: {e}") from None
+
+
+def ns_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    return NS_DTYPES[name] or fast_matmul_dtype(device)
 
 
 def adjusted_lr(lr: float, shape: tuple[int, ...], adjust: str) -> float:
@@ -63,10 +95,12 @@ class Muon(MatrixOptimizer):
         momentum: μ of the momentum buffer, an EMA of the gradient (B <- μ B + (1 - μ) g), in [0, 1).
         nesterov: orthogonalise Nesterov's combination ``g.lerp(B, momentum)`` instead of the buffer B.
         ns_steps: the number of Newton–Schulz iterations.
-        ns_coefficients: (a, b, c) of the quintic iteration X <- a X + (b A + c A²) X, A = X Xᵀ (Keller Jordan's
-            by default).
+        ns_coefficients: (a, b, c) of the quintic iteration X <- a X + (b A + c A²) X, A = X Xᵀ, for every
+            iteration (Keller Jordan's by default); "polar-express" (a minimax triple per iteration, Amsel et al.
+            2025); or a list of ``ns_steps`` triples.
         ns_eps: the floor of the Frobenius norm by which the matrix is divided before the iterations.
-        ns_dtype: the precision of Newton–Schulz: "bfloat16" (Keller's and torch's), "float32" or "float64".
+        ns_dtype: the precision of Newton–Schulz: "auto" (bfloat16 on a GPU or a CPU with native bf16 matrix
+            products, else float32), "bfloat16" (Keller's and torch's), "float32" or "float64".
         adjust_lr: the matrices' lr factor for an m x n matrix: "match_rms_adamw" (Moonshot's 0.2 sqrt(max(m, n)),
             which gives the update a typical AdamW update's RMS, so AdamW's lr and weight decay carry over) or
             "original" (Keller's sqrt(max(1, m/n))).
@@ -75,8 +109,8 @@ class Muon(MatrixOptimizer):
     """
 
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple = NS_COEFFICIENTS,
-                 ns_eps: float = NS_EPS, ns_dtype: str = "bfloat16", adjust_lr: str = "match_rms_adamw",
+                 nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple | str = NS_COEFFICIENTS,
+                 ns_eps: float = NS_EPS, ns_dtype: str = "auto", adjust_lr: str = "match_rms_adamw",
                  adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
         check_common(lr, eps, weight_decay)
         check_betas([momentum], "momentum")
@@ -85,8 +119,9 @@ class Muon(MatrixOptimizer):
             raise OptionError(f"Invalid adjust_lr {adjust_lr!r}; choose one of {', '.join(ADJUST_LR)}")
         if ns_dtype not in NS_DTYPES:
             raise OptionError(f"Invalid ns_dtype {ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
+        ns_schedule(ns_coefficients, ns_steps)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps,
+                                      ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_eps=ns_eps,
                                       ns_dtype=ns_dtype, adjust_lr=adjust_lr, adamw_betas=adamw_betas, eps=eps))
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
@@ -108,8 +143,8 @@ class Muon(MatrixOptimizer):
         shards each matrix is gathered and orthogonalised once, by its owner rank (see distributed.py)."""
 
         def ns(X: Tensor) -> Tensor:
-            return newton_schulz(X, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
-                                 NS_DTYPES[group["ns_dtype"]])
+            return newton_schulz(X, group["ns_steps"], ns_schedule(group["ns_coefficients"], group["ns_steps"]),
+                                 group["ns_eps"], ns_dtype_for(group["ns_dtype"], X.device))
 
         if any(is_dtensor(u) for u in updates):
             return [out[0] for out in owner_map(updates, lambda _, U: [ns(U).to(U.dtype)], lambda _, U: [U.shape])]
