@@ -186,7 +186,8 @@ def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run benchmark suites and write their leaderboards",
                        description="Benchmarks: every optimizer tuned with the same budget, compared on held-out "
                        "seeds against AdamW and Muon (paired, Holm-corrected, with power).")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="{run,report,ladder,list,step}")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True,
+                                 metavar="{run,report,ladder,variant,list,step}")
     run = bench_sub.add_parser(
         "run", help="run (or continue) every run of a suite",
         description="Run a suite: every optimizer tuned by the same coordinate search (the suite's tuning budget, "
@@ -210,6 +211,18 @@ def _add_bench_parser(sub) -> None:
         description="Combine a ladder's rungs (suites) into a speedup-vs-size table and plot.")
     ladder.add_argument("ladder", help="a ladder name, e.g. cpu-ladder or gpu-ladder")
     bench_sub.add_parser("list", help="list the suites", description="List the registered benchmark suites.")
+    variant = bench_sub.add_parser(
+        "variant", help="does a change keep an optimizer's results? paired runs on the held-out seeds",
+        description="Train OPTIMIZER at the configuration SUITE's tuning chose, with options changed by --set, on "
+        "the suite's held-out seeds at the full budget, and compare per seed with the suite's own runs "
+        "(results/SUITE/variants.md: paired difference, Holm, equivalence within the suite's tolerance).")
+    variant.add_argument("suite", help=f"one of: {', '.join(SUITES.names())}")
+    variant.add_argument("optimizer", nargs="?", help="a registered optimizer the suite tuned")
+    variant.add_argument("--name", help="the variant's name (its folder under results/SUITE/variants/)")
+    variant.add_argument("--set", dest="settings", nargs="+", metavar="KEY=VALUE", default=[],
+                         help="changed settings, e.g. optim.ns_dtype=float32 optim.refresh_interval=10")
+    variant.add_argument("--jobs", type=int, default=1, help="runs at once")
+    variant.add_argument("--report", action="store_true", help="only rewrite results/SUITE/variants.md")
     step = bench_sub.add_parser(
         "step", help="optimizer step time and state memory vs fused AdamW",
         description="Time one optimizer step (gradients present, warm-up excluded, interleaved repeats, median) "
@@ -272,6 +285,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _log(f"wrote {write_ladder_report(args.ladder)}")
         return 0
     SUITES.get(args.suite)
+    if args.bench_command == "variant":
+        from lmopt.bench.variants import VariantRunner, make_variant, write_variants_report
+
+        if not args.report:
+            if not args.optimizer or not args.name:
+                raise ValueError("bench variant needs OPTIMIZER, --name and --set (or --report alone)")
+            variant = make_variant(SUITES.get(args.suite), args.optimizer, args.settings, args.name)
+            VariantRunner(SUITES.get(args.suite), variant, jobs=args.jobs, log=_log).run()
+        _log(f"wrote {write_variants_report(args.suite)}")
+        return 0
     if args.bench_command == "run":
         from lmopt.bench.runner import run_suite
 

@@ -10,6 +10,14 @@ from lmopt.bench.runner import BenchRunner
 from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach
 from lmopt.bench.suites import OWN_KNOBS, Suite, ladder_rungs, tuning_space
 from lmopt.bench.tuning import Knob, apply_values, incumbent, log_values, next_probe, sensitivity, values_at
+from lmopt.bench.variants import (
+    VariantRunner,
+    judge,
+    load_variants,
+    make_variant,
+    parse_setting,
+    write_variants_report,
+)
 from lmopt.model import get_preset
 from lmopt.registry import OPTIMIZERS, SUITES, Entry
 
@@ -147,6 +155,44 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
     ran = []
     BenchRunner(first, jobs=1, results_root=results, log=ran.append).run()
     assert not any("final val loss" in line for line in ran)
+
+    # a variant: Muon at its tuned configuration with fp32 Newton-Schulz, paired with the suite's own runs
+    variant = make_variant(first, "muon", ["optim.ns_dtype=float32", "optim.ns_steps=5"], "fp32-ns")
+    VariantRunner(first, variant, jobs=2, results_root=results, log=lambda _: None).run()
+    [found_variant] = load_variants(first, results)
+    assert set(found_variant.finals) == set(found_variant.base) == {0, 1}
+    runs = load_records("fp32-ns", results / first.name / "variants")
+    assert all(r["config"]["optim"]["ns_dtype"] == "float32" for r in runs.values())
+    assert all(r["knobs"]["lr"] == chosen_values(first, "muon", results)["lr"] for r in runs.values())
+    report = write_variants_report(first.name, root=results)
+    text = report.read_text()
+    assert "| fp32-ns | muon | `optim.ns_dtype=\"float32\"`, `optim.ns_steps=5` | 2 |" in text
+    assert write_variants_report(first.name, root=results).read_text() == text
+    ran = []
+    VariantRunner(first, variant, results_root=results, log=ran.append).run()
+    assert not any("final val loss" in line for line in ran)
+    with pytest.raises(ValueError, match="no option 'refresh'"):
+        make_variant(first, "muon", ["optim.refresh=3"], "x")
+
+
+def test_variant_verdicts_on_known_differences():
+    from lmopt.bench.verdict_stats import paired
+
+    seeds = [0, 1, 2, 3, 4]
+    base = [5.0, 5.1, 4.9, 5.05, 4.95]
+    def shifted(deltas):
+        return paired([b + d for b, d in zip(base, deltas, strict=True)], base, seeds, seeds)
+
+    same = shifted([0.001, -0.002, 0.0, 0.001, -0.001])
+    assert judge(same, 1.0, 0.01).startswith("equivalent")
+    worse = shifted([0.05, 0.06, 0.04, 0.05, 0.055])
+    assert judge(worse, worse.p, 0.01) == "worse"
+    noisy = shifted([0.05, -0.04, 0.03, -0.06, 0.01])
+    assert judge(noisy, noisy.p, 0.01).startswith("inconclusive (80% power at |Δ| ≥")
+    assert parse_setting("optim.ns_coefficients=polar-express") == ("optim.ns_coefficients", "polar-express")
+    assert parse_setting("optim.refresh_interval=10") == ("optim.refresh_interval", 10)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_setting("ns_dtype")
 
 
 def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):

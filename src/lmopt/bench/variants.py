@@ -1,0 +1,201 @@
+"""``lmopt bench variant``: does a change to an optimizer keep its results? A paired study on the held-out seeds.
+
+A variant is one optimizer of a finished suite with some options changed (``--set optim.ns_dtype=float32``, a
+faster Newton–Schulz, a longer Spectra refresh interval): it is trained at the configuration the suite's tuning
+chose for that optimizer, on the suite's held-out seeds at the full budget, and compared per seed with the
+suite's own held-out runs of that configuration (same seeds: same initial weights and batches).
+
+Records go to ``results/<suite>/variants/<name>/runs/`` (the same record format as the suite's, run by the same
+:class:`~lmopt.bench.runner.BenchRunner`); ``results/<suite>/variants.md`` holds one row per variant:
+
+- the paired mean difference of final validation loss (variant - base) with its 95% t-interval and p, Holm-
+  adjusted over the variants of the table;
+- a verdict: **equivalent** when the 90% interval lies inside ±``margin`` (two one-sided tests at 5%; the margin
+  is the suite's ``tol``, the seed noise the tuning search ignores), **worse** / **better** when the Holm-
+  adjusted p < 0.05, else **inconclusive** with the smallest difference the test detects with 80% power.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmopt.bench.results import chosen_values, collect, final_loss, load_records, results_dir
+from lmopt.bench.runner import BenchRunner, spec
+from lmopt.bench.suites import Suite
+from lmopt.bench.verdict_stats import holm, min_detectable_effect, paired, t_interval
+from lmopt.data.paths import atomic_write_text
+from lmopt.registry import OPTIMIZERS, SUITES
+
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    optimizer: str
+    settings: tuple[tuple[str, object], ...]  # knob key ("optim.NAME" or a train setting) -> value, sorted
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "optimizer": self.optimizer, "set": dict(self.settings)}, indent=1)
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``: VALUE read as JSON (numbers, true/false, lists), else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set takes KEY=VALUE (e.g. optim.ns_dtype=float32), not {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def make_variant(suite: Suite, optimizer: str, settings: list[str], name: str) -> Variant:
+    """Check a variant before anything runs: a known optimizer of the suite, options the optimizer accepts."""
+    if not name or not set(name) <= NAME_CHARS:
+        raise ValueError(f"variant name {name!r}: use lowercase letters, digits, '-', '_' or '.'")
+    if not settings:
+        raise ValueError("a variant changes something: give at least one --set KEY=VALUE")
+    pairs = dict(parse_setting(s) for s in settings)
+    spec_ = OPTIMIZERS.get(optimizer)
+    for key in pairs:
+        if key.startswith("optim.") and key.split(".")[1] not in spec_.defaults:
+            raise ValueError(f"{optimizer} has no option {key.split('.')[1]!r}; its options: "
+                             f"{', '.join(sorted(spec_.defaults))}")
+    return Variant(name, optimizer, tuple(sorted(pairs.items())))
+
+
+def variants_root(suite: str, root: Path | None = None) -> Path:
+    return results_dir(suite, root) / "variants"
+
+
+class VariantRunner(BenchRunner):
+    """The variant's runs on the suite's held-out seeds at the full budget; records in its own folder."""
+
+    def __init__(self, suite: Suite, variant: Variant, jobs: int = 1, results_root: Path | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        super().__init__(suite, jobs=jobs, only=[variant.optimizer], results_root=results_root, log=log)
+        self.variant = variant
+        self.base = chosen_values(suite, variant.optimizer, results_root)
+        if self.base is None:
+            raise RuntimeError(f"{variant.optimizer}'s tuning on {suite.name} is not finished: run "
+                               f"`lmopt bench run {suite.name}` first")
+        self.folder = variants_root(suite.name, results_root) / variant.name
+        self.results = self.folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / "variant.json", variant.to_json() + "\n")
+
+    def records(self) -> dict[str, dict]:
+        return load_records(self.variant.name, self.folder.parent)
+
+    def pipeline(self, optimizer: str) -> None:
+        values = self.base | dict(self.variant.settings)
+        for seed in self.suite.seeds:
+            if not self._stopping:
+                self._run_one(spec(optimizer, values, seed, self.suite.steps), phase=f"variant {self.variant.name}")
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    variant: Variant
+    base: dict[int, float]
+    finals: dict[int, float]
+    step_time_ratio: float  # median over seeds of the variant's median step time / the base run's
+
+
+def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]:
+    """Every variant of the suite with its final losses and the base's, by seed (full budget)."""
+    base_records = load_records(suite.name, root)
+    found = collect(suite, base_records, root)
+    out = []
+    for folder in sorted(p for p in variants_root(suite.name, root).glob("*") if (p / "variant.json").exists()):
+        meta = json.loads((folder / "variant.json").read_text())
+        variant = Variant(meta["name"], meta["optimizer"], tuple(sorted(meta["set"].items())))
+        result = found.get(variant.optimizer)
+        records = load_records(folder.name, folder.parent)
+        finals = {r["config"]["seed"]: final_loss(r) for r in records.values()
+                  if r["config"]["steps"] == suite.steps and r["config"]["seed"] in suite.seeds}
+        base = dict(result.finals) if result is not None else {}
+        out.append(VariantResult(variant, base, finals, _step_time_ratio(records, base_records, result, suite)))
+    return out
+
+
+def _step_time_ratio(records: dict, base_records: dict, result, suite: Suite) -> float:
+    if result is None:
+        return math.nan
+    base_times = {r["config"]["seed"]: r["end"].get("median_step_time") for r in base_records.values()
+                  if r["config"]["optimizer"] == result.name and r["knobs"] == result.chosen
+                  and r["config"]["steps"] == suite.steps}
+    ratios = sorted(r["end"]["median_step_time"] / base_times[r["config"]["seed"]] for r in records.values()
+                    if r["end"].get("median_step_time") and base_times.get(r["config"]["seed"]))
+    return ratios[len(ratios) // 2] if ratios else math.nan
+
+
+def judge(diff, adjusted_p: float, margin: float, alpha: float = 0.05) -> str:
+    """equivalent (90% CI inside ±margin), worse / better (Holm-adjusted p < alpha), else inconclusive."""
+    if diff.n < 2 or math.isnan(diff.mean_diff):
+        return "too few seeds"
+    low, high = t_interval(diff.mean_diff, diff.sd_diff, diff.n, level=1 - 2 * alpha)
+    if diff.sd_diff == 0.0:
+        low = high = diff.mean_diff
+    if -margin < low and high < margin:
+        return f"equivalent (within ±{margin:g})"
+    if adjusted_p < alpha:
+        return "worse" if diff.mean_diff > 0 else "better"
+    mde = min_detectable_effect(diff.sd_diff, diff.n)
+    return f"inconclusive (80% power at |Δ| ≥ {mde:.3f})" if math.isfinite(mde) else "inconclusive"
+
+
+def variants_table(suite: Suite, results: list[VariantResult]) -> str:
+    rows, diffs = [], []
+    for r in results:
+        seeds = sorted(set(r.base) & set(r.finals))
+        diff = (paired([r.finals[s] for s in seeds], [r.base[s] for s in seeds], seeds, seeds, nonfinite="drop")
+                if seeds else None)
+        diffs.append(diff)
+    adjusted = holm([d.p if d is not None else math.nan for d in diffs])
+    for r, diff, p_adj in zip(results, diffs, adjusted, strict=True):
+        settings = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r.variant.settings)
+        if diff is None:
+            rows.append(f"| {r.variant.name} | {r.variant.optimizer} | {settings} | 0 | — | — | — | — | — | "
+                        f"waiting for runs |")
+            continue
+        base = sum(r.base[s] for s in diff.seeds) / diff.n
+        ratio = f"{r.step_time_ratio:.2f}x" if math.isfinite(r.step_time_ratio) else "—"
+        rows.append(
+            f"| {r.variant.name} | {r.variant.optimizer} | {settings} | {diff.n} | {base:.4f} | "
+            f"{diff.mean_diff:+.4f} [{diff.ci_low:+.4f}, {diff.ci_high:+.4f}] | {diff.p:.3g} | {p_adj:.3g} | "
+            f"{ratio} | {judge(diff, p_adj, suite.tol)} |")
+    head = ["| variant | optimizer | changed | seeds | base final loss | Δ loss (variant - base) [95% CI] | p | "
+            "Holm p | step time vs base | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    return "\n".join(head + rows)
+
+
+def write_variants_report(suite_name: str, root: Path | None = None) -> Path:
+    """``results/<suite>/variants.md`` from the records (regenerates bit for bit)."""
+    suite = SUITES.get(suite_name)
+    results = load_variants(suite, root)
+    commits = sorted({r["environment"].get("commit", "")[:7]
+                      for v in results for r in load_records(v.variant.name, variants_root(suite_name, root))
+                      .values()} - {""})
+    lines = [
+        f"# Variants on `{suite_name}`: does a change keep an optimizer's results?", "",
+        f"Made by `lmopt bench variant {suite_name} OPTIMIZER --name NAME --set KEY=VALUE ...` (one per row; "
+        f"`lmopt bench variant {suite_name} --report` rewrites this file from the records); runs made at "
+        f"commit(s) {', '.join(commits) or '—'}.", "",
+        f"Each variant is its optimizer at the configuration the suite's tuning chose, with the listed options "
+        f"changed, on the held-out seeds {list(suite.seeds)} at the full budget ({suite.tokens():,} tokens), paired "
+        f"by seed with the suite's own runs of that configuration. Equivalent: the 90% interval of the mean "
+        f"difference lies inside ±{suite.tol:g} nats (the suite's seed-noise tolerance; two one-sided tests at 5%). "
+        f"Holm's correction is over this table's rows. Step times are the runs' median training step, measured "
+        f"while other runs shared the machine: a rough indication only (`lmopt bench step` measures speed).", "",
+        variants_table(suite, results), "",
+    ]
+    path = results_dir(suite_name, root) / "variants.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
