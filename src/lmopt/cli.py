@@ -240,6 +240,9 @@ def _add_bench_parser(sub) -> None:
     step.add_argument("--no-compiled", action="store_true", help="skip the torch.compile variants")
     step.add_argument("--profile", nargs="+", metavar="NAME", default=[],
                       help="rows to profile (top operators of one step), e.g. 'muon' 'spectra'")
+    step.add_argument("--muon-layers", type=int, default=0,
+                      help="time torch's and lmopt's Muon ('matrices only' rows) on the first N layers' matrices "
+                      "(default 0: all); torch.optim.Muon's bf16 takes minutes per step on a CPU without bf16")
     step.add_argument("--out", default="results/step", help="output directory (default results/step)")
 
 
@@ -270,7 +273,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         compiled = not args.no_compiled
         result = bench_step.run_step_benchmark(args.preset, args.repeats, args.warmup, args.only, compiled,
-                                               args.profile, log=_log)
+                                               args.profile, log=_log, muon_layers=args.muon_layers)
         if args.train_preset != "none":
             result["train_step"] = bench_step.run_train_step_benchmark(args.train_preset, only=args.only,
                                                                        compiled=compiled, log=_log)

@@ -19,6 +19,7 @@ from lmopt.bench.variants import (
     write_variants_report,
 )
 from lmopt.model import get_preset
+from lmopt.model.qwen3 import Qwen3
 from lmopt.registry import OPTIMIZERS, SUITES, Entry
 
 
@@ -205,8 +206,13 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
         write_step_results,
     )
 
-    result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, profile=["spectra"], log=lambda _: None)
+    result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, profile=["spectra"], log=lambda _: None,
+                                muon_layers=1)
     rows = result["results"]
+    # the Muon pair ran on the first layer's 7 hidden matrices only (one fp32 buffer per entry)
+    assert result["muon_pair_layers"] == 1 and result["layers"] > 1
+    assert rows["lmopt muon (matrices only)"]["state_bytes"] == 4 * sum(
+        p.numel() for p in Qwen3(get_preset("nano").config).layers[0].parameters() if p.dim() == 2)
     assert set(OPTIMIZERS.names()) - {"adamw"} <= set(rows) and BASELINE in rows
     assert {"spectra (for-loop)", "spectra (refresh every 10)", "torch.optim.Muon (matrices only)"} <= set(rows)
     assert rows[BASELINE]["time_vs_fused_adamw"] == 1.0 and rows[BASELINE]["state_vs_adamw"] == 1.0

@@ -45,3 +45,11 @@ def test_the_readme_quotes_the_committed_step_results():
     root = Path(__file__).resolve().parents[2]
     data = json.loads((root / "results/step/cpu-2threads-qwen3-134m.json").read_text())
     assert summary(data) in (root / "README.md").read_text()
+
+
+def test_a_muon_pair_timed_on_some_layers_is_scaled_to_the_whole_model():
+    # timed on 1 of 4 layers: torch's Muon 2.0 s -> 8.0 s for the model, the matrix entries 50 -> 200
+    text = summary({"results": RESULTS, "layers": 4, "muon_pair_layers": 1})
+    assert "40.0x (every-step refresh), 80.0x (refresh every 10) (timed on 1 of 4 layers' matrices" in text
+    assert "| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | 2.00x (timed on 1 of 4" in text
+    assert spectra_matrix_state_ratio(RESULTS, scale=4) == (600 - (800 - 8 * 200)) / (8 * 200)

@@ -60,7 +60,8 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def _step_candidates(model: torch.nn.Module, compiled: bool) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+def _step_candidates(model: torch.nn.Module, compiled: bool,
+                     muon_layers: int = 0) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     out: dict[str, Callable[[], torch.optim.Optimizer]] = {
         shown: (lambda name=name, opts=opts: build(name, model, total_steps=1000, **opts))
         for shown, (name, opts) in optimizer_variants(compiled).items()
@@ -69,6 +70,9 @@ def _step_candidates(model: torch.nn.Module, compiled: bool) -> dict[str, Callab
     out["adamw (for-loop)"] = lambda: build("adamw", model, impl="for-loop")
     out["adafactor (for-loop)"] = lambda: build("adafactor", model, impl="for-loop")
     matrices = [p for g in matrix_param_groups(model, 0.1) if g["matrix"] for p in g["params"]]
+    if muon_layers:  # the first layers' hidden matrices only (every layer has the same shapes)
+        kept = {id(p) for layer in list(model.layers)[:muon_layers] for p in layer.parameters()}
+        matrices = [p for p in matrices if id(p) in kept]
     out["torch.optim.Muon (matrices only)"] = lambda: torch.optim.Muon(matrices, lr=1e-3)
     out["lmopt muon (matrices only)"] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original")
     return out
@@ -129,14 +133,20 @@ def profile_table(step: Callable[[], None], top: int = 8) -> list[dict]:
 
 def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int = 2,
                        only: list[str] | None = None, compiled: bool = True, profile: list[str] | None = None,
-                       log=print) -> dict:
-    """Optimizer step time and state memory of every candidate on ``preset``'s parameter shapes."""
+                       log=print, muon_layers: int = 0) -> dict:
+    """Optimizer step time and state memory of every candidate on ``preset``'s parameter shapes.
+
+    ``muon_layers`` > 0 times torch's and lmopt's Muon (the "matrices only" pair) on the hidden matrices of the
+    first ``muon_layers`` layers instead of all: on a CPU without bf16 instructions, torch.optim.Muon's bf16
+    Newton–Schulz takes minutes per qwen3-134m step. Every layer has the same shapes and torch's Muon works
+    matrix by matrix, so its whole-model time is this one's x layers / muon_layers (the summary says so where it
+    uses it)."""
     torch.manual_seed(0)
     model = Qwen3(get_preset(preset).config)
     model.init_weights(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    candidates = _step_candidates(model, compiled)
+    candidates = _step_candidates(model, compiled, muon_layers)
     baseline = _warm(BASELINE, candidates.pop(BASELINE), warmup, log)
     candidates = {k: v for k, v in candidates.items() if not only or k in only}
     n_params = sum(p.numel() for p in model.parameters())
@@ -162,7 +172,9 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
                       "state_bytes": base_state, "state_bytes_per_param": base_state / n_params, "state_vs_adamw": 1.0}
     if BASELINE in (profile or []):
         profiles[BASELINE] = profile_table(baseline.step)
-    return {"preset": preset, "params": n_params, "repeats": repeats, "warmup": warmup,
+    layers = len(model.layers)
+    return {"preset": preset, "params": n_params, "repeats": repeats, "warmup": warmup, "layers": layers,
+            "muon_pair_layers": min(muon_layers, layers) if muon_layers else layers,
             **_machine(torch.get_num_threads()), "results": rows, "profiles": profiles}
 
 

@@ -44,12 +44,18 @@ def step_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def spectra_matrix_state_ratio(results: dict) -> float | None:
+def muon_pair_scale(data: dict) -> float:
+    """layers / the layers the Muon pair was timed on (1 when it ran on every layer's matrices)."""
+    return data.get("layers", 1) / data.get("muon_pair_layers", data.get("layers", 1))
+
+
+def spectra_matrix_state_ratio(results: dict, scale: float = 1.0) -> float | None:
     """Spectra's state on the hidden matrices it owns, over AdamW's on the same matrices. lmopt's Muon on the
-    matrices only keeps one fp32 buffer per entry, which counts the matrix entries."""
+    matrices only keeps one fp32 buffer per entry, which counts the matrix entries (x ``scale`` when it ran on
+    some layers only)."""
     if not all(row in results for row in ("spectra", BASELINE, LMOPT_MUON)):
         return None
-    matrix_entries = results[LMOPT_MUON]["state_bytes"] / 4
+    matrix_entries = results[LMOPT_MUON]["state_bytes"] / 4 * scale
     adamw_rest = results[BASELINE]["state_bytes"] - 8 * matrix_entries
     return (results["spectra"]["state_bytes"] - adamw_rest) / (8 * matrix_entries)
 
@@ -61,6 +67,9 @@ def _verdict(ok: bool) -> str:
 def targets_table(data: dict) -> str:
     results = data["results"]
     fastest = fastest_rows(results)
+    scale = muon_pair_scale(data)
+    on = "" if scale == 1 else (f" (timed on {data['muon_pair_layers']} of {data['layers']} layers' matrices; "
+                                f"torch's Muon works matrix by matrix, so its whole-model time is x{scale:g})")
     lines = ["| target (issue 8) | measured | met? |", "|---|---|---|"]
     per_tensor = [(name, results[fastest[name]]["time_vs_fused_adamw"]) for name in PER_TENSOR if name in fastest]
     missed = [name for name, ratio in per_tensor if ratio > LIMIT]
@@ -72,20 +81,20 @@ def targets_table(data: dict) -> str:
         refreshed = results.get(SPECTRA_REFRESHED, {}).get("time_vs_fused_adamw")
         lines.append(f"| Spectra ≤ 1.5x fused AdamW (default: refresh every step) | {spectra:.2f}x; "
                      f"{refreshed:.2f}x refreshing every 10 steps | {_verdict(spectra <= LIMIT)} |")
-        matrix_state = spectra_matrix_state_ratio(results)
+        matrix_state = spectra_matrix_state_ratio(results, scale)
         whole = results["spectra"]["state_vs_adamw"]
         lines.append(f"| Spectra state ≤ 0.55x AdamW's | {matrix_state:.2f}x on the hidden matrices it owns; "
                      f"{whole:.2f}x for the whole model (AdamW keeps the embedding's) "
                      f"| {_verdict(matrix_state <= 0.55)} on its matrices |")
     if TORCH_MUON in results and "spectra" in results:
-        torch_muon = results[TORCH_MUON]["step_seconds"]
+        torch_muon = results[TORCH_MUON]["step_seconds"] * scale
         every = torch_muon / results["spectra"]["step_seconds"]
         refreshed = torch_muon / results[SPECTRA_REFRESHED]["step_seconds"]
         lines.append(f"| Spectra ≥ 10x faster than `torch.optim.Muon` | {every:.1f}x (every-step refresh), "
-                     f"{refreshed:.1f}x (refresh every 10) | {_verdict(every >= 10)} |")
+                     f"{refreshed:.1f}x (refresh every 10){on} | {_verdict(every >= 10)} |")
     if TORCH_MUON in results and LMOPT_MUON in results:
         speedup = results[TORCH_MUON]["step_seconds"] / results[LMOPT_MUON]["step_seconds"]
-        lines.append(f"| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | {speedup:.2f}x "
+        lines.append(f"| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | {speedup:.2f}x{on} "
                      f"| {_verdict(speedup >= 1.5)} |")
     overhead = data.get("trainer_overhead")
     if overhead:
