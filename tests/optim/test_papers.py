@@ -276,3 +276,25 @@ def test_spectra_batched_path_equals_the_per_matrix_update(shaping, refresh_inte
         run(model, opt, 6)
     for a, b in zip(params(models["foreach"]), params(models["for-loop"]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_asm_leaves_a_fused_qkv_matrix_alone_unless_told_and_says_so():
+    from lmopt.optim.asm import asm_groups
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(6, 2))], "role": "attn_qkv", "weight_decay": 0.1},
+              {"params": [torch.nn.Parameter(torch.zeros(2, 2))], "role": "attn_q", "weight_decay": 0.1}]
+    with pytest.warns(UserWarning, match="fused_qkv='apply'"):
+        skipped = asm_groups(groups, 7 / 6, 0.97, 1e-3, (0.95, 0.95))
+    assert "lr" not in skipped[0] and skipped[1]["lr"] == pytest.approx(7e-3 / 6)
+    applied = asm_groups(groups, 7 / 6, 0.97, 1e-3, (0.95, 0.95), fused_qkv="apply")
+    assert applied[0]["lr"] == pytest.approx(7e-3 / 6) and applied[0]["weight_decay"] == 0.0
+    assert applied[0]["betas"] == (0.97, 0.95)
+    with pytest.raises(ValueError, match="fused_qkv"):
+        ASM(groups, fused_qkv="v-too")
+
+
+def test_spectra_refuses_a_spike_scale_that_would_grow_the_spike():
+    W = torch.nn.Parameter(torch.zeros(4, 4))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="spike_scale"):
+            Spectra([W], shaping="scale", spike_scale=bad)

@@ -18,6 +18,9 @@ Our choices where the text is silent:
 - the lr override is a ratio (``qk_lr_scale = 7/6``) so that it follows the schedule and the lr sweep,
   rather than the absolute 3.5e-4.
 - ``role_overrides=False`` switches the three overrides off: ASM then is torch AdamW, bit for bit (tested).
+- a fused q/k/v matrix (role ``attn_qkv``: GPT-2's ``c_attn``, ``in_proj_weight``) holds v's rows too, and a
+  group has one lr: ``fused_qkv="skip"`` (default) leaves it plain AdamW (the paper overrides q and k, not v)
+  and warns once; ``fused_qkv="apply"`` gives the whole fused matrix the q/k overrides.
 
 Use on any model: ``ASM(role_param_groups(model, weight_decay), lr=...)``; groups without a ``role`` key
 are treated as "other".
@@ -25,20 +28,30 @@ are treated as "other".
 
 from __future__ import annotations
 
+import warnings
+
 from lmopt.optim.adamw import AdamW, impl_flags
-from lmopt.optim.spec import register_class
+from lmopt.optim.spec import OptionError, register_class
 
 QK_ROLES = ("attn_q", "attn_k")
+FUSED_QKV = ("skip", "apply")
 PAPER_QK_LR_SCALE = 3.5e-4 / 3e-4  # = 7/6
 PAPER_QK_BETA1 = 0.97
 
 
-def asm_groups(groups: list[dict], qk_lr_scale: float, qk_beta1: float, lr: float, betas: tuple) -> list[dict]:
-    """Copies of ``groups`` with the paper's overrides on attention q and k groups."""
+def asm_groups(groups: list[dict], qk_lr_scale: float, qk_beta1: float, lr: float, betas: tuple,
+               fused_qkv: str = "skip") -> list[dict]:
+    """Copies of ``groups`` with the paper's overrides on attention q and k groups (and on fused q/k/v groups
+    with ``fused_qkv="apply"``)."""
+    roles = QK_ROLES + (("attn_qkv",) if fused_qkv == "apply" else ())
+    fused = sum(len(g["params"]) for g in groups if g.get("role") == "attn_qkv")
+    if fused and fused_qkv == "skip":
+        warnings.warn(f"ASM: {fused} fused q/k/v matrices (role attn_qkv) get no q/k override, since they hold v "
+                      "as well; pass fused_qkv='apply' to give them the overrides whole", stacklevel=3)
     out = []
     for group in groups:
         group = dict(group)
-        if group.get("role") in QK_ROLES:
+        if group.get("role") in roles:
             group["lr"] = group.get("lr", lr) * qk_lr_scale
             group["betas"] = (qk_beta1, group.get("betas", betas)[1])
             group["weight_decay"] = 0.0
@@ -64,15 +77,19 @@ class ASM(AdamW):
         qk_lr_scale: the factor on the q and k groups' lr (default 7/6, the paper's 3.5e-4 against 3e-4, as a ratio
             so that it follows the schedule and the lr sweep).
         qk_beta1: β1 of the q and k groups (the paper's 0.97); their β2 stays the base one.
+        fused_qkv: what a fused q/k/v matrix (role "attn_qkv") gets: "skip" (plain AdamW, with a warning) or
+            "apply" (the q/k overrides on the whole matrix, v's rows included).
         impl: "fused" (torch's fused kernel), "foreach" (multi-tensor) or "for-loop".
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, role_overrides: bool = True, qk_lr_scale: float = PAPER_QK_LR_SCALE,
-                 qk_beta1: float = PAPER_QK_BETA1, impl: str = "fused") -> None:
+                 qk_beta1: float = PAPER_QK_BETA1, fused_qkv: str = "skip", impl: str = "fused") -> None:
+        if fused_qkv not in FUSED_QKV:
+            raise OptionError(f"Invalid fused_qkv {fused_qkv!r}; choose one of {', '.join(FUSED_QKV)}")
         params = list(params)
         if role_overrides and params and isinstance(params[0], dict):
-            params = asm_groups(params, qk_lr_scale, qk_beta1, lr, betas)
+            params = asm_groups(params, qk_lr_scale, qk_beta1, lr, betas, fused_qkv)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl_flags(impl))
 
 

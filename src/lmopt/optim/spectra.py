@@ -110,7 +110,7 @@ class Spectra(MatrixOptimizer):
             singular vectors (one SVD per matrix).
         shaping: the spike's new singular values: "clip" (min(s, τ), τ the tail's RMS singular value), "remove"
             (0: the spike directions are dropped) or "scale" (spike_scale · s).
-        spike_scale: the factor of ``shaping="scale"`` (unused by the other shapings).
+        spike_scale: the factor of ``shaping="scale"``, in [0, 1] (unused by the other shapings).
         rms_target: the RMS of a matrix's step before lr and weight decay (> 0; the default gives an AdamW-sized
             step, so AdamW's lr carries over).
         adamw_betas: (β1, β2) of the AdamW part (groups with ``matrix=False``), each in [0, 1).
@@ -137,6 +137,8 @@ class Spectra(MatrixOptimizer):
             raise OptionError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
         if rms_target <= 0:
             raise OptionError(f"Invalid rms_target: {rms_target}")
+        if not 0 <= spike_scale <= 1:  # shape(s) - s must stay in [-s, 0]: the spike is shrunk, never grown
+            raise OptionError(f"Invalid spike_scale: {spike_scale} (must lie in [0, 1])")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       rank_fraction=rank_fraction, power_iters=power_iters,
                                       refresh_interval=refresh_interval, shaping=shaping, spike_scale=spike_scale,
