@@ -298,3 +298,5 @@ def test_spectra_refuses_a_spike_scale_that_would_grow_the_spike():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="spike_scale"):
             Spectra([W], shaping="scale", spike_scale=bad)
+    with pytest.raises(ValueError, match="refresh_timing"):
+        Spectra([W], refresh_timing="lagged")

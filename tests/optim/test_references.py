@@ -232,6 +232,45 @@ def test_spectra_with_its_default_single_power_iteration_stays_close_to_the_exac
         np.testing.assert_allclose((before - W.detach().numpy()) / LR, expected, rtol=0, atol=1e-4)
 
 
+def shape_in_basis(M, U):
+    """Spectra's clip shaping of a wide M (r x c) in the orthonormal basis U (r x k), in numpy."""
+    r, k = M.shape[0], U.shape[1]
+    C = U.T @ M
+    A, s, Bt = np.linalg.svd(C, full_matrices=False)
+    tau = math.sqrt(max(float(np.sum(M * M) - np.sum(C * C)), 0.0) / (r - k))
+    return M + (U @ A) @ ((np.minimum(s, tau) - s)[:, None] * Bt)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "for-loop"])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)], ids=["tall", "wide"])
+def test_spectra_refreshing_after_the_step_shapes_with_the_cached_basis(shape, impl):
+    """refresh_timing="after": step t shapes M_t in the basis refined at the previous refresh, then refines it
+    with M_t for the next step (U <- qr(M Mᵀ U)); the first step uses M_1's exact top-k subspace."""
+    k = 3
+    spike = planted(*shape, [30.0, 24.0, 18.0], 1.0, seed=3)
+    W = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    opt = Spectra([{"params": [W], "matrix": True}], lr=LR, weight_decay=0.0, rank_fraction=0.05, impl=impl,
+                  refresh_interval=2, refresh_timing="after")
+    M, U = np.zeros(shape), None
+    gen = np.random.default_rng(4)
+    for step in range(1, 7):
+        g = spike + 0.2 * gen.standard_normal(shape) / math.sqrt(max(shape))
+        M = 0.95 * M + 0.05 * g
+        wide = M if shape[0] <= shape[1] else M.T
+        if U is None:
+            U = np.linalg.svd(wide)[0][:, :k]
+        used = U
+        if step > 1 and (step - 1) % 2 == 0:
+            U = np.linalg.qr(wide @ (wide.T @ U))[0]
+        O = shape_in_basis(wide, used)
+        O = O if shape[0] <= shape[1] else O.T
+        before = W.detach().numpy().copy()
+        W.grad = torch.from_numpy(g)
+        opt.step()
+        expected = 0.2 * O / math.sqrt(float(np.mean(O * O)))
+        np.testing.assert_allclose((before - W.detach().numpy()) / LR, expected, rtol=0, atol=1e-10)
+
+
 # --- Newton–Schulz against the exact polar factor -----------------------------------------------------------------
 
 # Measured on these matrices: five quintic steps give singular values in [0.68, 1.14] (the iteration's band, by

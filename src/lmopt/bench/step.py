@@ -57,6 +57,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
             out[f"{name} (compiled)"] = (name, {"impl": "compiled"})
     out["spectra (for-loop)"] = ("spectra", {"impl": "for-loop"})
     out[f"spectra (refresh every {SPECTRA_REFRESH})"] = ("spectra", {"refresh_interval": SPECTRA_REFRESH})
+    out["spectra (refresh after the step)"] = ("spectra", {"refresh_timing": "after"})
     return out
 
 

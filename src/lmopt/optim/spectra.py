@@ -20,6 +20,11 @@ What we build from that, per hidden matrix W (m x n; we work on the orientation 
     O = M + U A diag(shape(s) - s) Bᵀ                  shape the spike, leave the tail as it is
     W <- W (1 - η λ) - η · rms_target · O / RMS(O)     rms_target = 0.2: an AdamW-sized step, so AdamW's lr carries over
 
+``refresh_timing``: ``"before"`` (default) refines U with this step's M and then shapes M with it; ``"after"``
+shapes M with the cached U (refined at the previous refresh) and refines U for the next step from the
+coordinates it already has: one product over M fewer per refresh (C = UᵀM is not recomputed), at the price of a
+basis one refresh old. The paper's "cached, warm started power iteration" fits either reading.
+
 ``shaping``: ``"clip"`` (default) shape(s) = min(s, τ): the spike is brought down to the tail's scale;
 ``"remove"``: shape(s) = 0, the spike directions are dropped; ``"scale"``: shape(s) = spike_scale · s.
 The tail is never whitened (unlike Newton–Schulz). Embeddings, head and norms go to AdamW. State per matrix:
@@ -47,6 +52,7 @@ from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_g
 from lmopt.optim.spec import OptionError, register_class
 
 SHAPINGS = ("clip", "remove", "scale")
+REFRESH_TIMINGS = ("before", "after")
 IMPLS = ("foreach", "for-loop")
 
 
@@ -108,6 +114,8 @@ class Spectra(MatrixOptimizer):
         power_iters: block power iterations U <- qr(M (Mᵀ U)).Q per refresh (>= 1).
         refresh_interval: refresh U every this many steps (>= 1); at its first step U is M's exact top-k left
             singular vectors (one SVD per matrix).
+        refresh_timing: "before" (refine U with this step's M, then shape) or "after" (shape with the cached U,
+            then refine it for the next step: one product over M fewer per refresh).
         shaping: the spike's new singular values: "clip" (min(s, τ), τ the tail's RMS singular value), "remove"
             (0: the spike directions are dropped) or "scale" (spike_scale · s).
         spike_scale: the factor of ``shaping="scale"``, in [0, 1] (unused by the other shapings).
@@ -122,8 +130,9 @@ class Spectra(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  rank_fraction: float = 0.015, power_iters: int = 1, refresh_interval: int = 1,
-                 shaping: str = "clip", spike_scale: float = 0.5, rms_target: float = 0.2,
-                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, impl: str = "foreach") -> None:
+                 refresh_timing: str = "before", shaping: str = "clip", spike_scale: float = 0.5,
+                 rms_target: float = 0.2, adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 impl: str = "foreach") -> None:
         check_common(lr, eps, weight_decay)
         if impl not in IMPLS:
             raise OptionError(f"Invalid impl {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -133,6 +142,8 @@ class Spectra(MatrixOptimizer):
             raise OptionError(f"Invalid rank_fraction: {rank_fraction} (must lie in (0, 1])")
         if power_iters < 1 or refresh_interval < 1:
             raise OptionError("Invalid power_iters / refresh_interval: both must be at least 1")
+        if refresh_timing not in REFRESH_TIMINGS:
+            raise OptionError(f"Invalid refresh_timing {refresh_timing!r}; choose one of {', '.join(REFRESH_TIMINGS)}")
         if shaping not in SHAPINGS:
             raise OptionError(f"Invalid shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
         if rms_target <= 0:
@@ -141,7 +152,8 @@ class Spectra(MatrixOptimizer):
             raise OptionError(f"Invalid spike_scale: {spike_scale} (must lie in [0, 1])")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       rank_fraction=rank_fraction, power_iters=power_iters,
-                                      refresh_interval=refresh_interval, shaping=shaping, spike_scale=spike_scale,
+                                      refresh_interval=refresh_interval,
+                                      refresh_timing=refresh_timing, shaping=shaping, spike_scale=spike_scale,
                                       rms_target=rms_target, adamw_betas=adamw_betas, eps=eps))
         self.impl = impl
 
@@ -173,11 +185,13 @@ class Spectra(MatrixOptimizer):
             basis = state.get("basis")
             if basis is None:
                 basis = top_left_singular_basis(wide, spike_rank(*M.shape, group["rank_fraction"]))
-            elif self._refresh_due(state, group):
-                basis = block_power_iteration(wide, basis, group["power_iters"])
-            shaped, _ = shape_spike(wide, basis, group["shaping"], group["spike_scale"])
+            refreshed = basis
+            if "basis" in state and self._refresh_due(state, group):
+                refreshed = block_power_iteration(wide, basis, group["power_iters"])
+            used = basis if group["refresh_timing"] == "after" else refreshed
+            shaped, _ = shape_spike(wide, used, group["shaping"], group["spike_scale"])
             shaped.mul_(group["rms_target"] / shaped.square().mean().sqrt().clamp(min=1e-30))
-            return [shaped if M.shape[0] <= M.shape[1] else shaped.mT, basis]
+            return [shaped if M.shape[0] <= M.shape[1] else shaped.mT, refreshed]
 
         def result_specs(i: int, M: Tensor) -> list[tuple[torch.Size, torch.dtype]]:
             k, dtype = spike_rank(*M.shape, group["rank_fraction"]), torch.promote_types(M.dtype, torch.float32)
@@ -205,15 +219,27 @@ class Spectra(MatrixOptimizer):
                 k = spike_rank(*M[0].shape, group["rank_fraction"])
                 for state, basis in zip(states, top_left_singular_basis(wides, k).unbind(0), strict=True):
                     state["basis"] = basis.contiguous()
-            coords = [spike_coordinates(m, state["basis"]) for m, state in zip(M, states, strict=True)]
+            bases = [state["basis"] for state in states]
+            coords = [spike_coordinates(m, basis) for m, basis in zip(M, bases, strict=True)]
             refresh = [j for j, state in enumerate(states) if self._refresh_due(state, group) and state["step"] > 1]
-            if refresh:  # block power iteration: U <- qr(M (MᵀU)), and MᵀU = Cᵀ is already at hand
-                for _ in range(group["power_iters"]):
-                    grown = torch.stack([grow_basis(M[j], coords[j]) for j in refresh])
-                    for j, basis in zip(refresh, torch.linalg.qr(grown).Q.unbind(0), strict=True):
-                        states[j]["basis"] = basis.contiguous()
-                        coords[j] = spike_coordinates(M[j], states[j]["basis"])
-            self._apply_shaped(group, [params[i] for i in indices], M, [s["basis"] for s in states], coords)
+            if refresh:
+                fresh = self._refresh(group, M, states, refresh, list(coords))
+                if group["refresh_timing"] == "before":  # shape with the refined basis
+                    bases, coords = [state["basis"] for state in states], fresh
+            self._apply_shaped(group, [params[i] for i in indices], M, bases, coords)
+
+    def _refresh(self, group: dict, M: list[Tensor], states: list[dict], refresh: list[int],
+                 coords: list[Tensor]) -> list[Tensor]:
+        """Block power iteration U <- qr(M (MᵀU)) of the matrices in ``refresh``, MᵀU = Cᵀ being at hand; stores
+        the bases, returns the coordinates in them (not recomputed after the last iteration with "after")."""
+        for it in range(group["power_iters"]):
+            grown = torch.stack([grow_basis(M[j], coords[j]) for j in refresh])
+            last = it == group["power_iters"] - 1
+            for j, basis in zip(refresh, torch.linalg.qr(grown).Q.unbind(0), strict=True):
+                states[j]["basis"] = basis.contiguous()
+                if not (last and group["refresh_timing"] == "after"):
+                    coords[j] = spike_coordinates(M[j], states[j]["basis"])
+        return coords
 
     def _apply_shaped(self, group: dict, params: list[Tensor], M: list[Tensor], bases: list[Tensor],
                       coords: list[Tensor]) -> None:
