@@ -245,7 +245,8 @@ def _tuning_section(suite: Suite, results: dict) -> list[str]:
     lines = ["## Tuning", "",
              f"Every optimizer: {suite.tuning_budget} runs on seed {suite.tuning_seed}. Sensitivity: final loss of "
              "the tuning runs that differ from the chosen configuration in one knob only (chosen value in bold; "
-             "'div' = diverged).", "",
+             "'div' = diverged; 'grid end' = the chosen value is the last of its knob's grid on that side (other "
+             "than 0), so a value beyond it was never tried and the optimum may lie outside the grid).", "",
              "| optimizer | runs | knob: value → final loss |", "|---|---|---|"]
     for r in results.values():
         cells = []
@@ -254,7 +255,10 @@ def _tuning_section(suite: Suite, results: dict) -> list[str]:
             chosen = r.chosen.get(knob.key)
             items = [f"{'**' if v == chosen else ''}{_value(v)}: {_loss_cell(loss)}{'**' if v == chosen else ''}"
                      for v, loss in row.items()]
-            cells.append(f"{knob.label} ({'; '.join(items)})")
+            # 0 (no weight decay, no warm-up) is a natural bound, not a grid end
+            edge = (r.tuning_complete and len(knob.values) > 1 and chosen in (knob.values[0], knob.values[-1])
+                    and chosen != 0)
+            cells.append(f"{knob.label} ({'; '.join(items)}){' grid end' if edge else ''}")
         status = "" if r.tuning_complete else " (in progress)"
         lines.append(f"| `{r.name}` | {len(r.tuning)}{status} | {' · '.join(cells)} |")
     return [*lines, ""]
