@@ -116,8 +116,12 @@ def paired_ratio_spread(times: list[float], base_times: list[float]) -> dict:
 
 
 def _machine(threads: int) -> dict:
+    from lmopt.optim.kernels import fast_matmul_dtype
+
     return {"threads": threads, "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "muon_ns_dtype": str(fast_matmul_dtype(torch.device("cpu"))).removeprefix("torch.")}
 
 
 def profile_table(step: Callable[[], None], top: int = 8) -> list[dict]:
@@ -296,6 +300,10 @@ def device_name(result: dict) -> str:
     return f"cpu-{result['threads']}threads"
 
 
+def _capability(result: dict) -> str:
+    return f" ({result['cpu_capability']})" if result.get("cpu_capability") else ""
+
+
 def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -> Path:
     device = device_name(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +311,7 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(result | {"command": command, "commit": commit}, indent=2))
     lines = [f"# Optimizer cost: `{result['preset']}` on {device}", "",
              f"Made by `{command}` at commit `{commit}`; torch {result['torch']}, {result['processor']}, "
-             f"{result['cpus']} CPUs, {result['threads']} threads.", "",
+             f"{result['cpus']} CPUs{_capability(result)}, {result['threads']} threads.", "",
              f"## Optimizer step ({result['params']:,} parameters, gradients present)", "",
              f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps. "
              "*vs fused AdamW* is the ratio of the medians; *paired ratios* are each repeat over the baseline step "
@@ -342,9 +350,16 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
                   f"| ratio | {overhead['ratio']:.3f} |"]
     pair = [result["results"].get(name) for name in MUON_PAIR]
     if all(pair):
-        lines += ["", f"lmopt's Muon against `torch.optim.Muon` on the same matrices, interleaved in one set: "
-                  f"{pair[0]['step_seconds'] / pair[1]['step_seconds']:.2f}x as fast (the two agree to atol 1e-6 "
-                  "on the parameters after 5 steps, tests/optim/test_papers.py)."]
+        layers = result.get("muon_pair_layers", result.get("layers"))
+        on = "" if layers == result.get("layers") else f" (the first {layers} of {result['layers']} layers')"
+        precision = result.get("muon_ns_dtype", "bfloat16")
+        lines += ["", f"lmopt's Muon against `torch.optim.Muon` on the same matrices{on}, interleaved in one set: "
+                  f"{pair[0]['step_seconds'] / pair[1]['step_seconds']:.2f}x as fast. lmopt's Newton–Schulz ran in "
+                  f"{precision} (`ns_dtype=\"auto\"` on this machine), torch's in bfloat16. With "
+                  "`ns_dtype=\"bfloat16\"` the two agree to atol 1e-6 on the parameters after 5 steps "
+                  "(tests/optim/test_papers.py); fp32 is at least as close to the exact polar factor on real "
+                  "gradients (tests/optim/test_newton_schulz.py), and `lmopt bench variant` compares the final "
+                  "losses on held-out seeds (results/cpu-full/variants.md)."]
     for section in result.get("notes", []):
         lines += ["", section]
     path = out_dir / f"{stem}.md"
