@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The CPU benchmark studies in their order, each resumable (finished runs are skipped, an interrupted one
+# resumes from its checkpoint): cpu-full, the variants that need its tuned configurations, the ladder rungs.
+#
+#   BENCH_SRC=/path/to/frozen/worktree/src  the lmopt source the suites run with (all of a suite's runs must
+#                                           come from one version of the training code; default: this tree)
+#   VARIANT_SRC=...                         the source the variant studies run with (default: this tree)
+#   nohup scripts/cpu-studies.sh >> runs/cpu-studies.log 2>&1 &
+#
+# Stop it with `kill -TERM <pid of the lmopt bench process>` (the runner forwards the signal and waits);
+# records land in results/<suite>/ and are committed as they come.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+here="$(pwd)/src"
+bench() { PYTHONPATH="${BENCH_SRC:-$here}" .venv/bin/python -m lmopt.cli bench "$@"; }
+variant() { PYTHONPATH="${VARIANT_SRC:-$here}" .venv/bin/python -m lmopt.cli bench variant "$@" --jobs 2; }
+
+bench run cpu-full --jobs 2
+bench report cpu-full
+# issue 19: faster settings at equal results, paired on cpu-full's held-out seeds
+variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
+variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
+variant cpu-full spectra --name spectra-refresh-after --set optim.refresh_timing=after
+for n in 5 10 25 50; do
+    variant cpu-full spectra --name "spectra-refresh-$n" --set "optim.refresh_interval=$n"
+done
+variant cpu-full --report
+# issue 14: the model-size ladder
+bench run cpu-ladder-micro --jobs 2
+bench run cpu-ladder-small --jobs 2
+bench report cpu-ladder-micro
+bench report cpu-ladder-small
+bench ladder cpu-ladder
