@@ -174,6 +174,8 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
     assert not any("final val loss" in line for line in ran)
     with pytest.raises(ValueError, match="no option 'refresh'"):
         make_variant(first, "muon", ["optim.refresh=3"], "x")
+    with pytest.raises(RuntimeError, match="no finished tuning of lamb"):
+        VariantRunner(first, make_variant(first, "lamb", ["optim.max_trust=5"], "lamb-5"), results_root=results)
 
 
 def test_variant_verdicts_on_known_differences():

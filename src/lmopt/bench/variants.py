@@ -79,12 +79,12 @@ class VariantRunner(BenchRunner):
 
     def __init__(self, suite: Suite, variant: Variant, jobs: int = 1, results_root: Path | None = None,
                  log: Callable[[str], None] = print) -> None:
+        base = chosen_values(suite, variant.optimizer, results_root)
+        if base is None:
+            raise RuntimeError(f"{suite.name} has no finished tuning of {variant.optimizer}: run "
+                               f"`lmopt bench run {suite.name}` first (a variant starts from its tuned values)")
         super().__init__(suite, jobs=jobs, only=[variant.optimizer], results_root=results_root, log=log)
-        self.variant = variant
-        self.base = chosen_values(suite, variant.optimizer, results_root)
-        if self.base is None:
-            raise RuntimeError(f"{variant.optimizer}'s tuning on {suite.name} is not finished: run "
-                               f"`lmopt bench run {suite.name}` first")
+        self.variant, self.base = variant, base
         self.folder = variants_root(suite.name, results_root) / variant.name
         self.results = self.folder
         self.folder.mkdir(parents=True, exist_ok=True)
