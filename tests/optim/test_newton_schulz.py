@@ -133,3 +133,18 @@ def test_muon_auto_precision_is_fp32_on_a_cpu_without_bf16_products(real_gradien
         opt.step()
         steps.append(W.detach().clone())
     assert torch.equal(steps[0], steps[1])
+
+
+def test_every_form_of_ns_coefficients_passes_the_registry_and_a_train_config():
+    from lmopt.model import get_preset
+    from lmopt.model.qwen3 import Qwen3
+    from lmopt.optim import build
+
+    model = Qwen3(get_preset("nano").config)
+    for value in ("polar-express", [list(t) for t in polar_express(5)], list(NS_COEFFICIENTS)):
+        opt = build("muon", model, ns_coefficients=value)
+        assert len(ns_schedule(opt.param_groups[0]["ns_coefficients"], 5)) == 5
+    cfg = TrainConfig(preset="nano", data="brown", optimizer="muon", optim={"ns_coefficients": "polar-express"})
+    assert cfg.validate().optim["ns_coefficients"] == "polar-express"
+    with pytest.raises(OptionError, match="ns_coefficients"):
+        build("muon", model, ns_coefficients="keller")

@@ -163,4 +163,5 @@ register_class(
     groups=matrix_param_groups,
     state_bytes_per_param=4.0,
     kind="matrix",
+    own_checks=("ns_coefficients",),
 )

@@ -35,6 +35,9 @@ class OptimizerSpec:
     needs_total_steps: bool = False  # the builder takes total_steps (the trainer passes the run's length)
     impls: tuple[str, ...] = ()  # implementations of the same update (option ``impl``); the first is the default
     cls: type[Optimizer] | None = None  # the class whose signature the defaults were read from (see class_spec)
+    # options that take more than one form (e.g. Muon's ns_coefficients: a triple, a schedule or a name): the
+    # class checks their values itself, so they are not held to their default's type here
+    own_checks: tuple[str, ...] = ()
 
 
 _NOT_OPTIONS = ("self", "params", "lr", "weight_decay", "total_steps")
@@ -130,7 +133,8 @@ def validate_options(spec: OptimizerSpec, options: Mapping[str, Any], choices: M
         raise OptionError(f"unknown option(s) {', '.join(unknown)} for optimizer {spec.name!r}; valid options: {valid}")
     merged = dict(spec.defaults)
     for key, value in options.items():
-        _check_value(key, value, spec.defaults[key])
+        if key not in spec.own_checks:
+            _check_value(key, value, spec.defaults[key])
         if key in choices and value not in choices[key]:
             raise OptionError(f"Invalid {key}: {value!r}; choose one of {', '.join(map(repr, choices[key]))}")
         merged[key] = tuple(value) if isinstance(value, list) else value
