@@ -19,6 +19,7 @@ bench run cpu-full --jobs 2
 bench report cpu-full
 # issue 19: faster settings at equal results, paired on cpu-full's held-out seeds
 variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
+variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
 variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
 variant cpu-full spectra --name spectra-refresh-after --set optim.refresh_timing=after
 for n in 5 10 25 50; do

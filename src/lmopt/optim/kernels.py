@@ -58,6 +58,50 @@ def newton_schulz(
     return X if batched else X.squeeze(0)
 
 
+def newton_schulz_gram(
+    G: Tensor,
+    steps: int = NS_STEPS,
+    coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
+    eps: float = NS_EPS,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """:func:`newton_schulz`'s iteration carried on the small side's Gram matrix; G is (m, n) or (batch, m, n).
+
+    With X₀ the normalised wide matrix (m <= n) and A₀ = X₀ X₀ᵀ (m x m), every iterate is X_k = Q_k X₀ with Q_k a
+    polynomial in A₀, so everything commutes: P_k = a I + b A_k + c A_k², Q_{k+1} = P_k Q_k, A_{k+1} = P_k A_k P_k,
+    and X₀ is touched twice (A₀ and the final Q X₀) instead of twice per iteration. About 4 m³ per iteration
+    against 2 m² n + m³: fewer flops when n >= 4 m or so (:func:`gram_is_cheaper`). Rounding accumulates in A
+    instead of being recomputed from X, so use it in fp32 or wider.
+    """
+    schedule = coefficient_schedule(coefficients, steps)
+    batched = G.dim() == 3
+    X = (G if batched else G.unsqueeze(0)).to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    A = X @ X.mT
+    eye = torch.eye(A.size(-1), dtype=dtype, device=A.device)
+    Q = None
+    for i, (a, b, c) in enumerate(schedule):
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c) + a * eye
+        Q = P if Q is None else P @ Q
+        if i < len(schedule) - 1:
+            A = P @ A @ P
+    X = Q @ X
+    if tall:
+        X = X.mT
+    return X if batched else X.squeeze(0)
+
+
+def gram_is_cheaper(shape: Sequence[int], steps: int = NS_STEPS) -> bool:
+    """Whether :func:`newton_schulz_gram` takes fewer multiply-adds than the plain iteration for this shape."""
+    m, n = sorted(shape[-2:])
+    plain = steps * (2 * m * m * n + m**3)
+    gram = 2 * m * m * n + (4 * steps - 3) * m**3
+    return gram < plain
+
+
 def coefficient_schedule(coefficients: Coefficients | Sequence[Coefficients], steps: int) -> list[Coefficients]:
     """``steps`` (a, b, c) triples: one triple repeated, or a schedule of exactly ``steps`` triples."""
     if len(coefficients) == 3 and all(isinstance(v, int | float) for v in coefficients):
