@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,20 +42,15 @@ def newton_schulz(
     the same beta/alpha), so one matrix gives the same bits as torch's, and a batch gives the same as a loop.
     """
     schedule = coefficient_schedule(coefficients, steps)
-    batched = G.dim() == 3
-    X = G if batched else G.unsqueeze(0)
-    X = X.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for a, b, c in schedule:
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    if tall:
-        X = X.mT
-    return X if batched else X.squeeze(0)
+
+    def iterate(X: Tensor) -> Tensor:
+        for a, b, c in schedule:
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
+        return X
+
+    return _on_wide_unit_matrices(G, eps, dtype, iterate)
 
 
 def newton_schulz_gram(
@@ -74,21 +69,30 @@ def newton_schulz_gram(
     instead of being recomputed from X, so use it in fp32 or wider.
     """
     schedule = coefficient_schedule(coefficients, steps)
+
+    def iterate(X: Tensor) -> Tensor:
+        A = X @ X.mT
+        eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
+        Q = None
+        for i, (a, b, c) in enumerate(schedule):
+            P = torch.baddbmm(A, A, A, beta=b, alpha=c) + a * eye
+            Q = P if Q is None else P @ Q
+            if i < len(schedule) - 1:
+                A = P @ A @ P
+        return Q @ X
+
+    return _on_wide_unit_matrices(G, eps, dtype, iterate)
+
+
+def _on_wide_unit_matrices(G: Tensor, eps: float, dtype: torch.dtype, iterate: Callable[[Tensor], Tensor]) -> Tensor:
+    """``iterate`` applied to G as a (batch, rows <= columns) stack in ``dtype``, each scaled to unit Frobenius
+    norm (at least ``eps`` before scaling); the result in G's shape and orientation."""
     batched = G.dim() == 3
     X = (G if batched else G.unsqueeze(0)).to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    A = X @ X.mT
-    eye = torch.eye(A.size(-1), dtype=dtype, device=A.device)
-    Q = None
-    for i, (a, b, c) in enumerate(schedule):
-        P = torch.baddbmm(A, A, A, beta=b, alpha=c) + a * eye
-        Q = P if Q is None else P @ Q
-        if i < len(schedule) - 1:
-            A = P @ A @ P
-    X = Q @ X
+    X = iterate(X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
     if tall:
         X = X.mT
     return X if batched else X.squeeze(0)
