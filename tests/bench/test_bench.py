@@ -6,7 +6,7 @@ import pytest
 
 from lmopt.bench.report import write_ladder_report, write_report
 from lmopt.bench.results import chosen_values, collect, compare, load_records
-from lmopt.bench.runner import BenchRunner
+from lmopt.bench.runner import BenchRunner, check_search_space
 from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach
 from lmopt.bench.suites import OWN_KNOBS, Suite, ladder_rungs, tuning_space
 from lmopt.bench.tuning import Knob, apply_values, incumbent, log_values, next_probe, sensitivity, values_at
@@ -21,6 +21,7 @@ from lmopt.bench.variants import (
 from lmopt.model import get_preset
 from lmopt.model.qwen3 import Qwen3
 from lmopt.registry import OPTIMIZERS, SUITES, Entry
+from lmopt.train.errors import ConfigError
 
 
 def test_log_values_are_log_spaced_around_the_centre():
@@ -88,6 +89,20 @@ def test_registered_suites_and_ladders_follow_the_protocol():
         assert all(s.transfer_from in (None, *(r.name for r in rungs)) for s in rungs)
     small_total, small_non_embedding = get_preset(ladder_rungs("cpu-ladder")[-1].preset).param_counts()
     assert small_non_embedding / small_total >= 2 / 3
+
+
+def test_every_value_of_every_tuning_grid_is_a_valid_setting():
+    for name in SUITES.names():
+        suite = SUITES.get(name)
+        for optimizer in suite.optimizers:
+            check_search_space(suite, optimizer)
+
+
+def test_a_bad_grid_value_stops_the_suite_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(OWN_KNOBS, "muon", (("optim.momentum", (0.95, 1.5)),))
+    with pytest.raises(ConfigError, match=r"muon's tuning grid value optim.momentum=1.5 is not a valid setting"):
+        BenchRunner(SUITES.get("cpu-quick"), results_root=tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_tokens_to_target_interpolates_linearly():

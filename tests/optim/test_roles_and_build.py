@@ -122,11 +122,19 @@ def test_matrix_groups_hold_only_hidden_matrices():
         ("adamw", {"impl": "cuda"}, "Invalid impl"),
         ("adafactor", {"impl": "fused"}, "Invalid impl: 'fused'; choose one of 'foreach', 'for-loop'"),
         ("lamb", {"eps": 0.0}, "Invalid eps"),
+        ("adafactor", {"beta2_decay": 0.5}, r"Invalid beta2_decay: 0.5 must be <= 0"),
+        ("spectra", {"momentum": -0.1}, r"Invalid momentum: -0.1 must lie in \[0, 1\)"),
     ],
 )
 def test_bad_options_fail_with_the_valid_ones(name, options, message):
     with pytest.raises((OptionError, ValueError), match=message):
         build(name, toy_model(), total_steps=10, **options)
+
+
+def test_a_decay_exponent_is_not_mistaken_for_an_averaging_coefficient():
+    # Adafactor's beta2_decay is an exponent (beta2_t = 1 - t^beta2_decay, <= 0), not a beta in [0, 1)
+    optimizer = build("adafactor", toy_model(), total_steps=10, beta2_decay=-0.5)
+    assert optimizer.param_groups[0]["beta2_decay"] == -0.5
 
 
 def test_unknown_optimizer_and_bad_lr():

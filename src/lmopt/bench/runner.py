@@ -42,10 +42,13 @@ from lmopt.bench.results import (
     results_dir,
     tuning_history,
 )
-from lmopt.bench.suites import Suite
-from lmopt.bench.tuning import Knob, incumbent, next_probe, values_at
+from lmopt.bench.suites import Suite, tuning_space
+from lmopt.bench.tuning import Knob, incumbent, next_probe, start_point, values_at
 from lmopt.data.paths import atomic_write_text, runs_home
+from lmopt.optim.spec import OptionError
 from lmopt.registry import OPTIMIZERS, SUITES
+from lmopt.train.config import TrainConfig
+from lmopt.train.errors import ConfigError
 from lmopt.train.metrics import read_metrics
 from lmopt.train.rundir import RunLock
 from lmopt.train.trainer import format_duration
@@ -68,6 +71,21 @@ class RunSpec:
 
 def spec(optimizer: str, values: dict, seed: int, steps: int, probe: int | None = None) -> RunSpec:
     return RunSpec(optimizer, tuple(sorted(values.items())), seed, steps, probe)
+
+
+def check_search_space(suite: Suite, optimizer: str) -> None:
+    """Every value of every knob of ``optimizer``'s tuning grid must make a valid ``lmopt train`` config: a bad
+    grid value fails here, before any run starts, not hours into the suite."""
+    knobs = tuning_space(optimizer)
+    start = values_at(knobs, start_point(knobs))
+    for knob in knobs:
+        for value in knob.values:
+            config = suite.train_config(optimizer, start | {knob.key: value}, 0, suite.steps, "check", curve=False)
+            try:
+                TrainConfig.from_dict(config).validate()
+            except (ConfigError, OptionError) as err:
+                raise ConfigError(f"suite {suite.name!r}: {optimizer}'s tuning grid value {knob.key}={value!r} "
+                                  f"is not a valid setting: {err}") from err
 
 
 def rung_optimizers(suite: Suite, root: Path | None = None) -> list[str]:
@@ -114,6 +132,8 @@ class BenchRunner:
         self.optimizers = [o for o in candidates if not only or any(fnmatch(o, pat) for pat in only)]
         if only and not self.optimizers:
             raise ValueError(f"--only {only} matches none of the suite's optimizers: {', '.join(candidates)}")
+        for name in self.optimizers:
+            check_search_space(suite, name)
         self.results = results_dir(suite.name, results_root)
         self.run_seconds: list[float] = []
         self.runs_done = 0

@@ -57,6 +57,8 @@ class Adafactor(torch.optim.Adafactor):
                  weight_decay: float = 0.0, impl: str = "foreach", **torch_options) -> None:
         if impl not in IMPLS:
             raise OptionError(f"Invalid impl: {impl!r}; choose one of {', '.join(map(repr, IMPLS))}")
+        if not beta2_decay <= 0:
+            raise OptionError(f"Invalid beta2_decay: {beta2_decay} must be <= 0 (beta2_t = 1 - t^beta2_decay)")
         torch_options.setdefault("eps", (None, eps2))
         if "foreach" in torch_options:
             impl = "foreach" if torch_options["foreach"] else "for-loop"
