@@ -223,6 +223,9 @@ def _add_bench_parser(sub) -> None:
                          help="changed settings, e.g. optim.ns_dtype=float32 optim.refresh_interval=10")
     variant.add_argument("--jobs", type=int, default=1, help="runs at once")
     variant.add_argument("--report", action="store_true", help="only rewrite results/SUITE/variants.md")
+    variant.add_argument("--grid-ends", action="store_true",
+                         help="check every tuned knob that chose its grid's end: one grid step further, on the "
+                              "held-out seeds (no OPTIMIZER, --name or --set)")
     step = bench_sub.add_parser(
         "step", help="optimizer step time and state memory vs fused AdamW",
         description="Time one optimizer step (gradients present, warm-up excluded, interleaved repeats, median) "
@@ -289,9 +292,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     SUITES.get(args.suite)
     if args.bench_command == "variant":
-        from lmopt.bench.variants import VariantRunner, make_variant, write_variants_report
+        from lmopt.bench.variants import VariantRunner, grid_end_variants, make_variant, write_variants_report
 
-        if not args.report:
+        if args.grid_ends:
+            for variant in grid_end_variants(SUITES.get(args.suite)):
+                VariantRunner(SUITES.get(args.suite), variant, jobs=args.jobs, log=_log).run()
+        elif not args.report:
             if not args.optimizer or not args.name:
                 raise ValueError("bench variant needs OPTIMIZER, --name and --set (or --report alone)")
             variant = make_variant(SUITES.get(args.suite), args.optimizer, args.settings, args.name)

@@ -12,6 +12,8 @@ from lmopt.bench.suites import OWN_KNOBS, Suite, ladder_rungs, tuning_space
 from lmopt.bench.tuning import Knob, apply_values, incumbent, log_values, next_probe, sensitivity, values_at
 from lmopt.bench.variants import (
     VariantRunner,
+    grid_end_variants,
+    grid_end_verdicts,
     judge,
     load_variants,
     make_variant,
@@ -22,6 +24,15 @@ from lmopt.model import get_preset
 from lmopt.model.qwen3 import Qwen3
 from lmopt.registry import OPTIMIZERS, SUITES, Entry
 from lmopt.train.errors import ConfigError
+
+
+def test_one_step_past_a_grid_end_follows_the_grid_spacing():
+    assert Knob("optim.betas.1", (0.9, 0.95, 0.99), 0.95).beyond_end(0.9) == 0.8  # 1 - x doubles
+    assert Knob("optim.betas.1", (0.9, 0.99, 0.999), 0.99).beyond_end(0.999) == 0.9999  # 1 - x / 10
+    assert Knob("lr", (0.01, 0.02, 0.04), 0.02).beyond_end(0.04) == 0.08
+    assert Knob("weight_decay", (0.0, 0.1, 0.2), 0.1).beyond_end(0.0) is None  # 0 is a natural bound
+    assert Knob("lr", (0.01, 0.02, 0.04), 0.02).beyond_end(0.02) is None  # not an end
+    assert Knob("optim.shift", (-0.1, 0.1), 0.1).beyond_end(0.1) == 0.3  # crosses zero: linear
 
 
 def test_log_values_are_log_spaced_around_the_centre():
@@ -131,6 +142,7 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
     """Tuning, held-out seeds at two budgets, the report (regenerated bit for bit), a second rung that starts
     from the first rung's choice, the ladder report; a rerun does nothing."""
     monkeypatch.setenv("LMOPT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setitem(OWN_KNOBS, "muon", (("optim.momentum", (0.9, 0.95)),))  # Muon's default is a grid end
     results = tmp_path / "results"
     first = register(monkeypatch, Suite(name="test-rung1", description="rung 1", preset="nano",
                                         optimizers=("adamw", "muon"), tuning_budget=2, **TINY))
@@ -191,6 +203,18 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
         make_variant(first, "muon", ["optim.refresh=3"], "x")
     with pytest.raises(RuntimeError, match="no finished tuning of lamb"):
         VariantRunner(first, make_variant(first, "lamb", ["optim.max_trust=5"], "lamb-5"), results_root=results)
+    with pytest.raises(ConfigError, match="variant 'm' is not a valid setting: Invalid momentum: 1.5"):
+        VariantRunner(first, make_variant(first, "muon", ["optim.momentum=1.5"], "m"), results_root=results)
+
+    # grid ends: Muon's momentum stayed at 0.95, the end of its grid: one step further is 1 - 0.05^2/0.1
+    [edge] = grid_end_variants(first, results)
+    assert (edge.optimizer, edge.settings, edge.purpose) == ("muon", (("optim.momentum", 0.975),), "grid-end")
+    VariantRunner(first, edge, jobs=2, results_root=results, log=lambda _: None).run()
+    [verdict] = grid_end_verdicts(first, results).values()
+    assert "momentum (**0.95: " in write_report(first.name, root=results).read_text()
+    assert f"grid end [one step further: {verdict}]" in write_report(first.name, root=results).read_text()
+    tables = write_variants_report(first.name, root=results).read_text().split("## Beyond the grid's ends")
+    assert "fp32-ns" in tables[0] and "edge-muon-momentum-0.975" in tables[1] and "fp32-ns" not in tables[1]
 
 
 def test_variant_verdicts_on_known_differences():

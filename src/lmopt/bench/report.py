@@ -26,6 +26,7 @@ from lmopt.bench.results import (
 )
 from lmopt.bench.step_summary import fastest_rows
 from lmopt.bench.suites import Suite, ladder_rungs
+from lmopt.bench.variants import grid_end_verdicts
 from lmopt.bench.verdict_stats import Verdict, holm, min_detectable_effect, paired, verdict
 from lmopt.data.paths import atomic_write_text
 from lmopt.registry import SUITES
@@ -154,7 +155,7 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
     lines = _header(suite, records, command)
     lines += _leaderboard(suite, results, comparisons, step)
     lines += _claims_section(results, comparisons)
-    lines += _tuning_section(suite, results)
+    lines += _tuning_section(suite, results, root)
     plots = _plots(suite, results, comparisons, out_dir)
     lines += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in plots] + [""]
     path = out_dir / "leaderboard.md"
@@ -241,13 +242,16 @@ def _claims_section(results: dict, comparisons: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _tuning_section(suite: Suite, results: dict) -> list[str]:
+def _tuning_section(suite: Suite, results: dict, root: Path | None = None) -> list[str]:
     lines = ["## Tuning", "",
              f"Every optimizer: {suite.tuning_budget} runs on seed {suite.tuning_seed}. Sensitivity: final loss of "
              "the tuning runs that differ from the chosen configuration in one knob only (chosen value in bold; "
              "'div' = diverged; 'grid end' = the chosen value is the last of its knob's grid on that side (other "
-             "than 0), so a value beyond it was never tried and the optimum may lie outside the grid).", "",
+             "than 0), so the search never tried a value beyond it; `lmopt bench variant SUITE --grid-ends` then "
+             "tries one grid step further on the held-out seeds, and its verdict follows in brackets (variants.md)."
+             "", "",
              "| optimizer | runs | knob: value → final loss |", "|---|---|---|"]
+    checks = grid_end_verdicts(suite, root)
     for r in results.values():
         cells = []
         for knob in r.knobs:
@@ -258,7 +262,8 @@ def _tuning_section(suite: Suite, results: dict) -> list[str]:
             # 0 (no weight decay, no warm-up) is a natural bound, not a grid end
             edge = (r.tuning_complete and len(knob.values) > 1 and chosen in (knob.values[0], knob.values[-1])
                     and chosen != 0)
-            cells.append(f"{knob.label} ({'; '.join(items)}){' grid end' if edge else ''}")
+            check = f" [one step further: {checks[(r.name, knob.key)]}]" if (r.name, knob.key) in checks else ""
+            cells.append(f"{knob.label} ({'; '.join(items)}){' grid end' + check if edge else ''}")
         status = "" if r.tuning_complete else " (in progress)"
         lines.append(f"| `{r.name}` | {len(r.tuning)}{status} | {' · '.join(cells)} |")
     return [*lines, ""]

@@ -29,6 +29,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from lmopt.optim.spec import COEFFICIENT
+
 Point = tuple[int, ...]  # one grid index per knob
 
 
@@ -55,6 +57,22 @@ class Knob:
         names = {"optim.betas.1": "β2", "optim.betas.2": "β_v", "optim.momentum": "momentum",
                  "weight_decay": "wd", "warmup_frac": "warmup"}
         return names.get(self.key, self.key.removeprefix("optim."))
+
+    def beyond_end(self, value: float | str) -> float | None:
+        """The next value past the grid's end at ``value``, in the grid's own spacing (None where ``value`` is
+        not an end, or is 0: no weight decay or warm-up is a natural bound). Averaging coefficients (β, momentum)
+        step in 1 - x: β2 0.9 after 0.95 goes on to 0.8; other knobs step geometrically (lr 0.01 after 0.005
+        goes on to 0.02), or linearly where the grid changes sign."""
+        if len(self.values) < 2 or value == 0 or value not in (self.values[0], self.values[-1]):
+            return None
+        end, inner = (self.values[0], self.values[1]) if value == self.values[0] else self.values[-1:-3:-1]
+        if COEFFICIENT.fullmatch(self.key.split(".")[1] if self.key.startswith("optim.") else self.key):
+            beyond = 1 - (1 - end) ** 2 / (1 - inner)
+        elif end * inner > 0:
+            beyond = end * end / inner
+        else:
+            beyond = 2 * end - inner
+        return float(f"{beyond:.4g}")
 
 
 def log_values(center: float, below: int, above: int, factor: float = 2.0) -> tuple[float, ...]:

@@ -28,7 +28,10 @@ from lmopt.bench.runner import BenchRunner, spec
 from lmopt.bench.suites import Suite
 from lmopt.bench.verdict_stats import holm, min_detectable_effect, paired, t_interval
 from lmopt.data.paths import atomic_write_text
+from lmopt.optim.spec import OptionError
 from lmopt.registry import OPTIMIZERS, SUITES
+from lmopt.train.config import TrainConfig
+from lmopt.train.errors import ConfigError
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -38,9 +41,11 @@ class Variant:
     name: str
     optimizer: str
     settings: tuple[tuple[str, object], ...]  # knob key ("optim.NAME" or a train setting) -> value, sorted
+    purpose: str = "variant"  # or "grid-end": one knob one step past the end of its tuning grid
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "optimizer": self.optimizer, "set": dict(self.settings)}, indent=1)
+        return json.dumps({"name": self.name, "optimizer": self.optimizer, "set": dict(self.settings),
+                           "purpose": self.purpose}, indent=1)
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -70,6 +75,25 @@ def make_variant(suite: Suite, optimizer: str, settings: list[str], name: str) -
     return Variant(name, optimizer, tuple(sorted(pairs.items())))
 
 
+def grid_end_variants(suite: Suite, root: Path | None = None) -> list[Variant]:
+    """One variant per tuned knob whose chosen value is an end of its grid: that knob one step past the end.
+
+    The tuning never tried a value beyond its grid; if the optimum lies there, the optimizer is under-tuned. The
+    check runs on the held-out seeds and is reported as a check, never used to change the chosen configuration
+    (which would choose on the reporting seeds).
+    """
+    out = []
+    for name, result in collect(suite, load_records(suite.name, root), root).items():
+        if not result.tuning_complete:
+            continue
+        for knob in result.knobs:
+            beyond = knob.beyond_end(result.chosen[knob.key])
+            if beyond is not None:
+                label = f"edge-{name}-{knob.key.removeprefix('optim.')}-{beyond:g}"
+                out.append(Variant(label, name, ((knob.key, beyond),), purpose="grid-end"))
+    return out
+
+
 def variants_root(suite: str, root: Path | None = None) -> Path:
     return results_dir(suite, root) / "variants"
 
@@ -84,6 +108,11 @@ class VariantRunner(BenchRunner):
             raise RuntimeError(f"{suite.name} has no finished tuning of {variant.optimizer}: run "
                                f"`lmopt bench run {suite.name}` first (a variant starts from its tuned values)")
         super().__init__(suite, jobs=jobs, only=[variant.optimizer], results_root=results_root, log=log)
+        config = suite.train_config(variant.optimizer, base | dict(variant.settings), 0, suite.steps, "check", False)
+        try:
+            TrainConfig.from_dict(config).validate()
+        except (ConfigError, OptionError) as err:
+            raise ConfigError(f"variant {variant.name!r} is not a valid setting: {err}") from err
         self.variant, self.base = variant, base
         self.folder = variants_root(suite.name, results_root) / variant.name
         self.results = self.folder
@@ -115,7 +144,8 @@ def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]
     out = []
     for folder in sorted(p for p in variants_root(suite.name, root).glob("*") if (p / "variant.json").exists()):
         meta = json.loads((folder / "variant.json").read_text())
-        variant = Variant(meta["name"], meta["optimizer"], tuple(sorted(meta["set"].items())))
+        variant = Variant(meta["name"], meta["optimizer"], tuple(sorted(meta["set"].items())),
+                          meta.get("purpose", "variant"))
         result = found.get(variant.optimizer)
         records = load_records(folder.name, folder.parent)
         finals = {r["config"]["seed"]: final_loss(r) for r in records.values()
@@ -151,29 +181,42 @@ def judge(diff, adjusted_p: float, margin: float, alpha: float = 0.05) -> str:
     return f"inconclusive (80% power at |Δ| ≥ {mde:.3f})" if math.isfinite(mde) else "inconclusive"
 
 
-def variants_table(suite: Suite, results: list[VariantResult]) -> str:
-    rows, diffs = [], []
+def judged(suite: Suite, results: list[VariantResult]) -> list[tuple[VariantResult, object, float, str]]:
+    """Each variant with its paired difference (None before any run), Holm-adjusted p over ``results``, verdict."""
+    diffs = []
     for r in results:
         seeds = sorted(set(r.base) & set(r.finals))
-        diff = (paired([r.finals[s] for s in seeds], [r.base[s] for s in seeds], seeds, seeds, nonfinite="drop")
-                if seeds else None)
-        diffs.append(diff)
+        diffs.append(paired([r.finals[s] for s in seeds], [r.base[s] for s in seeds], seeds, seeds, nonfinite="drop")
+                     if seeds else None)
     adjusted = holm([d.p if d is not None else math.nan for d in diffs])
-    for r, diff, p_adj in zip(results, diffs, adjusted, strict=True):
+    return [(r, d, p, judge(d, p, suite.tol) if d is not None else "waiting for runs")
+            for r, d, p in zip(results, diffs, adjusted, strict=True)]
+
+
+def variants_table(suite: Suite, results: list[VariantResult]) -> str:
+    rows = []
+    for r, diff, p_adj, verdict in judged(suite, results):
         settings = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r.variant.settings)
         if diff is None:
             rows.append(f"| {r.variant.name} | {r.variant.optimizer} | {settings} | 0 | — | — | — | — | — | "
-                        f"waiting for runs |")
+                        f"{verdict} |")
             continue
         base = sum(r.base[s] for s in diff.seeds) / diff.n
         ratio = f"{r.step_time_ratio:.2f}x" if math.isfinite(r.step_time_ratio) else "—"
         rows.append(
             f"| {r.variant.name} | {r.variant.optimizer} | {settings} | {diff.n} | {base:.4f} | "
             f"{diff.mean_diff:+.4f} [{diff.ci_low:+.4f}, {diff.ci_high:+.4f}] | {diff.p:.3g} | {p_adj:.3g} | "
-            f"{ratio} | {judge(diff, p_adj, suite.tol)} |")
+            f"{ratio} | {verdict} |")
     head = ["| variant | optimizer | changed | seeds | base final loss | Δ loss (variant - base) [95% CI] | p | "
             "Holm p | step time vs base | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     return "\n".join(head + rows)
+
+
+def grid_end_verdicts(suite: Suite, root: Path | None = None) -> dict[tuple[str, str], str]:
+    """(optimizer, knob key) -> the verdict of its grid-end check, for the checks that have run."""
+    checks = [r for r in load_variants(suite, root) if r.variant.purpose == "grid-end"]
+    return {(r.variant.optimizer, r.variant.settings[0][0]): verdict
+            for r, diff, _p, verdict in judged(suite, checks) if diff is not None}
 
 
 def write_variants_report(suite_name: str, root: Path | None = None) -> Path:
@@ -194,7 +237,16 @@ def write_variants_report(suite_name: str, root: Path | None = None) -> Path:
         f"difference lies inside ±{suite.tol:g} nats (the suite's seed-noise tolerance; two one-sided tests at 5%). "
         f"Holm's correction is over this table's rows. Step times are the runs' median training step, measured "
         f"while other runs shared the machine: a rough indication only (`lmopt bench step` measures speed).", "",
-        variants_table(suite, results), "",
+        "## Faster or different settings", "",
+        variants_table(suite, [r for r in results if r.variant.purpose != "grid-end"]), "",
+        "## Beyond the grid's ends", "",
+        f"Where the tuning chose the last value of a knob's grid (other than 0), the optimum may lie outside the "
+        f"grid. `lmopt bench variant {suite_name} --grid-ends` runs that knob one grid step further (β and momentum "
+        f"in steps of 1 - x) on the held-out seeds. **better** means the optimizer is under-tuned at this grid "
+        f"(its leaderboard row is then not its best); **worse** or **equivalent** means the grid end costs "
+        f"nothing measurable. A check, not a choice: the chosen configuration never changes on the reporting "
+        f"seeds. Holm over this table.", "",
+        variants_table(suite, [r for r in results if r.variant.purpose == "grid-end"]), "",
     ]
     path = results_dir(suite_name, root) / "variants.md"
     atomic_write_text(path, "\n".join(lines))

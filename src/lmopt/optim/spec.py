@@ -100,7 +100,7 @@ def register_class(cls: type[Optimizer], name: str, summary: str, source: str, *
 
 
 # averaging coefficients in [0, 1): beta1, betas, qk_beta1, momentum, ema_momentum; not Adafactor's beta2_decay
-_COEFFICIENT = re.compile(r"(\w+_)?(betas?\d*|momentum)")
+COEFFICIENT = re.compile(r"(\w+_)?(betas?\d*|momentum)")
 
 
 def _check_value(name: str, value: Any, default: Any) -> None:
@@ -121,7 +121,7 @@ def _check_value(name: str, value: Any, default: Any) -> None:
         raise OptionError(f"Invalid {name}: expected a string, got {value!r}")
     if isinstance(value, numeric):
         short = name.split("[")[0]
-        if _COEFFICIENT.fullmatch(short):
+        if COEFFICIENT.fullmatch(short):
             if not 0.0 <= value < 1.0:
                 raise OptionError(f"Invalid {name}: {value} must lie in [0, 1)")
         elif (short in ("eps", "lr", "weight_decay") or short.endswith(("_lr", "_scale"))) and (
