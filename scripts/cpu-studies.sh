@@ -17,6 +17,8 @@ variant() { PYTHONPATH="${VARIANT_SRC:-$here}" .venv/bin/python -m lmopt.cli ben
 
 bench run cpu-full --jobs 2
 bench report cpu-full
+# issue 14: is any tuned knob's grid end hiding a better value? (one grid step further, held-out seeds)
+variant cpu-full --grid-ends
 # issue 19: faster settings at equal results, paired on cpu-full's held-out seeds
 variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
 variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
