@@ -1,12 +1,14 @@
 import json
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from lmopt.bench.report import write_ladder_report, write_report
 from lmopt.bench.results import chosen_values, collect, compare, load_records
-from lmopt.bench.runner import BenchRunner, check_search_space
+from lmopt.bench.runner import BenchRunner, Slots, check_search_space
 from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach
 from lmopt.bench.suites import OWN_KNOBS, Suite, ladder_rungs, tuning_space
 from lmopt.bench.tuning import Knob, apply_values, incumbent, log_values, next_probe, sensitivity, values_at
@@ -33,6 +35,39 @@ def test_one_step_past_a_grid_end_follows_the_grid_spacing():
     assert Knob("weight_decay", (0.0, 0.1, 0.2), 0.1).beyond_end(0.0) is None  # 0 is a natural bound
     assert Knob("lr", (0.01, 0.02, 0.04), 0.02).beyond_end(0.02) is None  # not an end
     assert Knob("optim.shift", (-0.1, 0.1), 0.1).beyond_end(0.1) == 0.3  # crosses zero: linear
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_a_freed_slot_goes_to_the_earliest_optimizer_and_idle_helpers_give_up():
+    slots, served, stop = Slots(1), [], threading.Event()
+
+    def request(priority):
+        with slots.hold(priority, give_up=stop.is_set) as granted:
+            served.append((priority, granted))
+
+    with slots.hold(0):  # the only slot is taken; three requests queue up out of order
+        threads = [threading.Thread(target=request, args=(p,)) for p in (3, 1, 2)]
+        for queued, thread in enumerate(threads, start=1):
+            thread.start()
+            wait_until(lambda n=queued: len(slots._waiting) == n)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert served == [(1, True), (2, True), (3, True)]
+
+    with slots.hold(0):
+        waiting = threading.Thread(target=request, args=(1,))
+        waiting.start()
+        wait_until(lambda: len(slots._waiting) == 1)
+        stop.set()
+        slots.wake()
+        waiting.join(timeout=10)
+    assert served[-1] == (1, False)  # gave up without a slot, while the slot was still held
 
 
 def test_log_values_are_log_spaced_around_the_centre():

@@ -124,9 +124,8 @@ class VariantRunner(BenchRunner):
 
     def pipeline(self, optimizer: str) -> None:
         values = self.base | dict(self.variant.settings)
-        for seed in self.suite.seeds:
-            if not self._stopping:
-                self._run_one(spec(optimizer, values, seed, self.suite.steps), phase=f"variant {self.variant.name}")
+        runs = [spec(optimizer, values, seed, self.suite.steps) for seed in self.suite.seeds]
+        self.run_independent(runs, f"variant {self.variant.name}", priority=0)
 
 
 @dataclass(frozen=True)
