@@ -1,10 +1,15 @@
 """``lmopt bench run``: a suite's protocol as ordinary ``lmopt train`` processes, resumable at any point.
 
-For each optimizer, one pipeline (optimizers run side by side with ``--jobs``):
+For each optimizer, one pipeline:
 
 1. tuning on the suite's tuning seed: the next probe of the coordinate search (:mod:`lmopt.bench.tuning`),
-   computed from the records so far, until ``tuning_budget`` runs are done;
-2. the chosen configuration on every held-out seed, at every budget of :meth:`Suite.budgets`.
+   computed from the records so far, until ``tuning_budget`` runs are done (one after the other: each probe
+   depends on the results before it);
+2. the chosen configuration on every held-out seed, at every budget of :meth:`Suite.budgets` (independent runs).
+
+``--jobs N`` runs N at once (:class:`Slots`): each pipeline holds one slot from its first run to its last, in the
+suite's order, so optimizers finish in order; a pipeline in its held-out phase also borrows any slot no other
+pipeline is waiting for, so the suite's last optimizer (or a variant's seeds) does not leave cores idle.
 
 Each run has a deterministic id (``<optimizer>-lr<lr>-s<seed>-t<steps>-<hash of its knob values>``), trains in
 ``$LMOPT_RUNS/bench/<suite>/<id>/`` and, once complete, leaves a compact record in
@@ -19,7 +24,10 @@ the running ``lmopt train`` processes, which are waited for.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -28,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -121,6 +129,41 @@ def device_groups(suite: Suite, jobs: int) -> queue.Queue | None:
     return groups
 
 
+class Slots:
+    """At most ``n`` runs at once; a freed slot goes to the waiting request of lowest ``priority`` (the suite's
+    order), first come first served among equals."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiting: list[tuple[int, int]] = []  # (priority, ticket), sorted
+        self._tickets = itertools.count()
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, priority: int, give_up: Callable[[], bool] = lambda: False) -> Iterator[bool]:
+        """Wait for a slot (yields True while holding it), or yield False once ``give_up()`` turns true (checked
+        whenever :meth:`wake` is called or a slot frees)."""
+        with self._cond:
+            request = (priority, next(self._tickets))
+            bisect.insort(self._waiting, request)
+            self._cond.wait_for(lambda: give_up() or (self._free > 0 and self._waiting[0] == request))
+            self._waiting.remove(request)
+            granted = self._free > 0 and not give_up()
+            self._free -= granted
+            self._cond.notify_all()  # the next request in line may be served too
+        try:
+            yield granted
+        finally:
+            if granted:
+                with self._cond:
+                    self._free += 1
+                    self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
 class BenchRunner:
     def __init__(self, suite: Suite, jobs: int = 1, only: list[str] | None = None, results_root: Path | None = None,
                  log: Callable[[str], None] = print, extra: list[str] | None = None) -> None:
@@ -141,6 +184,7 @@ class BenchRunner:
         self._children: set[subprocess.Popen] = set()
         self._stopping = False
         self._devices = device_groups(suite, jobs)
+        self._slots = Slots(jobs)
 
     def records(self) -> dict[str, dict]:
         return load_records(self.suite.name, self.root)
@@ -163,14 +207,48 @@ class BenchRunner:
         return [spec(optimizer, values, seed, steps) for seed in self.suite.seeds for steps in self.suite.budgets()]
 
     def pipeline(self, optimizer: str) -> None:
+        """Tuning, then the held-out runs; called holding a slot (see :meth:`run`)."""
         knobs = knobs_for(self.suite, optimizer, self.root)
         while not self._stopping and (run := self.next_tuning_run(optimizer, knobs)) is not None:
             self._run_one(run, phase=f"tune {run.probe + 1}/{self.suite.tuning_budget}")
-        for run in self.held_out_runs(optimizer, knobs):
-            if self._stopping:
-                return
+        self.run_independent(self.held_out_runs(optimizer, knobs), "held-out", self.optimizers.index(optimizer))
+
+    def run_independent(self, runs: list[RunSpec], phase: str, priority: int) -> None:
+        """``runs`` in any order: by this thread, in its slot, and by helpers in slots no one else waits for."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for run in runs:
             if not self.is_done(run):
-                self._run_one(run, phase="held-out")
+                todo.put(run)
+
+        def drain() -> None:
+            while not self._stopping:
+                try:
+                    run = todo.get_nowait()
+                except queue.Empty:
+                    return
+                self._run_one(run, phase)
+
+        def helper() -> None:
+            with self._slots.hold(priority, give_up=lambda: todo.empty() or self._stopping) as granted:
+                if granted:
+                    drain()
+
+        helpers = min(self.jobs, todo.qsize()) - 1
+        if helpers <= 0:
+            return drain()
+        with ThreadPoolExecutor(max_workers=helpers) as pool:
+            futures = [pool.submit(helper) for _ in range(helpers)]
+            try:
+                drain()
+            finally:
+                self._slots.wake()  # helpers still waiting for a slot give up: nothing is left
+            for future in futures:
+                future.result()
+
+    def _pipeline_in_slot(self, optimizer: str) -> None:
+        with self._slots.hold(self.optimizers.index(optimizer)):
+            if not self._stopping:
+                self.pipeline(optimizer)
 
     # --- running ------------------------------------------------------------------------------------------------
 
@@ -184,8 +262,8 @@ class BenchRunner:
         try:
             self.log(f"[bench {self.suite.name}] {len(self.optimizers)} optimizers, {self.jobs} job(s): "
                      f"{', '.join(self.optimizers)}")
-            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-                for future in [pool.submit(self.pipeline, name) for name in self.optimizers]:
+            with ThreadPoolExecutor(max_workers=len(self.optimizers)) as pool:
+                for future in [pool.submit(self._pipeline_in_slot, name) for name in self.optimizers]:
                     future.result()
         finally:
             for sig, handler in previous.items():
@@ -199,6 +277,7 @@ class BenchRunner:
     def _on_signal(self, signum: int, _frame) -> None:
         """Forward the signal to every running `lmopt train` and let the pipelines wind down (no new runs)."""
         self._stopping = True
+        self._slots.wake()
         with self._lock:
             children = list(self._children)
         self.log(f"[bench {self.suite.name}] {signal.Signals(signum).name}: stopping {len(children)} running job(s)")
