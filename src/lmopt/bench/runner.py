@@ -211,6 +211,8 @@ class BenchRunner:
         knobs = knobs_for(self.suite, optimizer, self.root)
         while not self._stopping and (run := self.next_tuning_run(optimizer, knobs)) is not None:
             self._run_one(run, phase=f"tune {run.probe + 1}/{self.suite.tuning_budget}")
+        if self._stopping:  # the tuning may be unfinished (or not started): no configuration to run yet
+            return
         self.run_independent(self.held_out_runs(optimizer, knobs), "held-out", self.optimizers.index(optimizer))
 
     def run_independent(self, runs: list[RunSpec], phase: str, priority: int) -> None:
