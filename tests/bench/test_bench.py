@@ -70,6 +70,13 @@ def test_a_freed_slot_goes_to_the_earliest_optimizer_and_idle_helpers_give_up():
     assert served[-1] == (1, False)  # gave up without a slot, while the slot was still held
 
 
+def test_a_stop_before_the_tuning_ends_runs_nothing_else(tmp_path):
+    runner = BenchRunner(SUITES.get("cpu-quick"), jobs=2, results_root=tmp_path)
+    runner._stopping = True  # as after SIGTERM: no tuning record exists, so there is no configuration to hold out
+    runner.pipeline("adamw")
+    assert not (tmp_path / "cpu-quick" / "runs").exists() or not any((tmp_path / "cpu-quick" / "runs").iterdir())
+
+
 def test_log_values_are_log_spaced_around_the_centre():
     assert log_values(1e-3, 2, 2) == (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
 
