@@ -24,6 +24,7 @@ variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
 variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
 variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
 variant cpu-full spectra --name spectra-refresh-after --set optim.refresh_timing=after
+variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
 for n in 5 10 25 50; do
     variant cpu-full spectra --name "spectra-refresh-$n" --set "optim.refresh_interval=$n"
 done

@@ -16,6 +16,10 @@ RESULTS = {
     "spectra (refresh every 10)": row(0.1, 1.2, state_bytes=600, state_ratio=0.75),
     "spectra (for-loop)": row(0.05, 0.5, state_bytes=600, state_ratio=0.75),
     "torch.optim.Muon (matrices only)": row(2.0, 25.0, state_bytes=200),
+    "muon": row(3.0, 30.0, state_bytes=200),
+    "muon (gram)": row(2.0, 20.0, state_bytes=200),
+    "ortho-adam": row(6.0, 60.0, state_bytes=800),
+    "ortho-adam (kronecker, compiled)": row(1.5, 15.0, state_bytes=800),
     "lmopt muon (matrices only)": row(1.0, 12.0, state_bytes=200),
 }
 
@@ -25,6 +29,7 @@ def test_the_fastest_implementation_of_each_optimizer_is_chosen_and_variants_are
     assert fastest["lamb"] == "lamb (compiled)"
     assert fastest["adamw"] == "adamw (fused)"
     assert fastest["spectra"] == "spectra"  # the refresh-interval and per-matrix rows are other settings
+    assert fastest["muon"] == "muon" and fastest["ortho-adam"] == "ortho-adam"  # gram, kronecker: other settings
 
 
 def test_targets_are_computed_from_the_file():
@@ -36,6 +41,7 @@ def test_targets_are_computed_from_the_file():
     assert "10.0x (every-step refresh), 20.0x (refresh every 10) | yes |" in text
     assert "| `lmopt train` ≥ 0.95x a bare loop's throughput | 0.90x | no |" in text
     assert "lamb 1.30x | all |" in text
+    assert "| OrthoAdam's step ≤ Muon's | 2.00x Muon's (Haar rotation, the default); 0.50x with" in text
 
 
 def test_the_readme_quotes_the_committed_step_results():

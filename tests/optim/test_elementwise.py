@@ -94,3 +94,14 @@ def test_past_the_compile_limit_the_step_says_so_and_runs_eagerly(monkeypatch):
         eager.step()
     assert compiled.impl == "for-loop" and any("unavailable here" in str(w.message) for w in caught)
     assert torch.equal(weight, reference)  # the fallback ran the eager update
+
+
+def test_ortho_adam_kronecker_rotation_compiles_to_the_eager_result():
+    # the Kronecker rotation's reshape and two small products inside the compiled graph (the references check eager)
+    eager_model, compiled_model = Battery(), Battery()
+    eager = info.make("ortho-adam", "for-loop", eager_model, rotation="kronecker")
+    compiled = info.make("ortho-adam", "compiled", compiled_model, rotation="kronecker")
+    info.train(eager, list(eager_model.parameters()), range(4))
+    info.train(compiled, list(compiled_model.parameters()), range(4))
+    assert compiled.impl == "compiled" and any(len(f) == 2 for f in compiled._rotations.values())
+    info.assert_equal(info.snapshot(compiled_model.parameters()), info.snapshot(eager_model.parameters()), atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmopt.optim import Muon, Spectra, StableAdamW, build, param_roles
-from lmopt.optim.ortho_adam import random_orthogonal
+from lmopt.optim.ortho_adam import kronecker_sizes, random_orthogonal, rotate, rotation_factors
 from lmopt.optim.roles import ROLES
 from lmopt.optim.spectra import tail_scale
 from lmopt.registry import OPTIMIZERS
@@ -100,14 +100,23 @@ def gradients(model, steps=STEPS, seed=1):
     return out
 
 
-def ortho_adam_reference(w, grads, roles, lr, wd, order, seed=0):
+def ortho_adam_reference(w, grads, roles, lr, wd, order, seed=0, rotation="haar"):
     # OrthoAdam's documented rotation: a Haar-random Q per tensor from torch.Generator seeded with seed + the
-    # parameter's position in the optimizer (QR of a float64 Gaussian, signs fixed by R's diagonal)
+    # parameter's position in the optimizer (QR of a float64 Gaussian, signs fixed by R's diagonal); "kronecker":
+    # Q = A ⊗ B (np.kron) for a matrix whose last dimension n = n1 n2 has a divisor 1 < n1 <= sqrt(n), A drawn
+    # with that seed and B with seed + 1
+    def haar(n, s):
+        gaussian = torch.randn(n, n, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        return reference.haar_orthogonal(gaussian.numpy())
+
     rotations = {}
     for index, name in enumerate(order):
         n = w[name].shape[-1]
-        gaussian = torch.randn(n, n, generator=torch.Generator().manual_seed(seed + index), dtype=torch.float64)
-        rotations[name] = reference.haar_orthogonal(gaussian.numpy())
+        n1 = max(d for d in range(1, int(np.sqrt(n)) + 1) if n % d == 0)
+        if rotation == "kronecker" and w[name].ndim > 1 and n1 > 1:
+            rotations[name] = np.kron(haar(n1, seed + index), haar(n // n1, seed + index + 1))
+        else:
+            rotations[name] = haar(n, seed + index)
     return reference.ortho_adam(w, grads, roles, lr, wd, rotations)
 
 
@@ -132,6 +141,9 @@ TOLERANCE = {"msam": 1e-9}
 
 EAGER_CASES = [(name, impl) for name in OPTIMIZERS.names()
                for impl in (OPTIMIZERS.get(name).impls or (None,)) if impl != "compiled"]
+# named options with their own arithmetic, checked against the reference too: (registry name, reference, options)
+OPTION_CASES = {"ortho-adam-kronecker": ("ortho-adam", functools.partial(ortho_adam_reference, rotation="kronecker"),
+                                         {"rotation": "kronecker"})}
 
 
 def test_every_optimizer_has_a_reference():
@@ -144,14 +156,15 @@ def test_the_model_has_every_role():
     assert set(roles.values()) == set(ROLES)
 
 
-@pytest.mark.parametrize(("name", "impl"), EAGER_CASES, ids=[f"{n}-{i}" if i else n for n, i in EAGER_CASES])
+@pytest.mark.parametrize(("name", "impl"), EAGER_CASES + [(case, None) for case in OPTION_CASES],
+                         ids=[f"{n}-{i}" if i else n for n, i in EAGER_CASES] + list(OPTION_CASES))
 def test_every_role_matches_the_reference_over_several_steps(name, impl):
     # (compiled implementations are compared with their eager counterpart in test_elementwise.py and the battery)
     model = EveryRole().double()
     roles = param_roles(model)
     w0 = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     grads = gradients(model)
-    ref, options = REFERENCES[name]
+    name, ref, options = OPTION_CASES[name] if name in OPTION_CASES else (name, *REFERENCES[name])
     opt = build(name, model, lr=LR, weight_decay=WD, total_steps=TOTAL_STEPS,
                 **({"impl": impl} if impl else {}), **options)
     named = dict(model.named_parameters())
@@ -303,6 +316,18 @@ def test_muon_update_is_the_polar_factor_of_its_nesterov_momentum(shape, ns_dtyp
         assert (core - torch.diag(singular)).abs().max() < NS_DIRECTION_TOLERANCE[ns_dtype]
         expected = reference.newton_schulz5(nesterov)
         np.testing.assert_allclose(O.numpy(), expected, rtol=0, atol=2e-5 if ns_dtype == "float32" else 3e-2)
+
+
+def test_a_kronecker_rotation_is_the_kronecker_product_and_spreads_every_coordinate():
+    assert kronecker_sizes(768) == (24, 32) and kronecker_sizes(2048) == (32, 64) and kronecker_sizes(7) == (1, 7)
+    A, B = rotation_factors(12, seed=5, rotation="kronecker", dim=2, dtype=torch.float64)
+    Q = torch.kron(A, B)
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-6)
+    x = torch.randn(4, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(rotate(x, (A, B)), x @ Q, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate(x, (A, B), inverse=True), x @ Q.mT, rtol=0, atol=1e-12)
+    assert (Q.abs() > 1e-6).all()  # one coordinate's image reaches every coordinate
+    assert len(rotation_factors(12, 5, "kronecker", dim=1)) == 1 and len(rotation_factors(13, 5, "kronecker", 2)) == 1
 
 
 def test_ortho_adam_rotations_are_orthogonal():

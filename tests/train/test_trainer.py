@@ -110,6 +110,21 @@ def test_toml_config_and_cli_errors(tmp_path, runs_dir, capsys):
     assert "valid presets" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("rotation=kronecker", {"rotation": "kronecker"}),
+    ("betas=[0.9, 0.99],eps=1e-6, impl=compiled", {"betas": [0.9, 0.99], "eps": 1e-6, "impl": "compiled"}),
+    ('{"momentum": 0.9}', {"momentum": 0.9}),
+    ("{betas = [0.9, 0.99]}", {"betas": [0.9, 0.99]}),
+])
+def test_optimizer_options_on_the_command_line(text, expected):
+    assert TrainConfig.from_dict({"optim": text}).optim == expected
+
+
+def test_unreadable_optimizer_options_say_which_forms_are_accepted():
+    with pytest.raises(ConfigError, match=r"invalid value for optim: '=3' \(expected a table: KEY=VALUE"):
+        TrainConfig.from_dict({"optim": "=3"})
+
+
 def test_existing_run_is_not_overwritten_silently(runs_dir):
     cfg = TrainConfig(**NANO, steps=2, run_name="once")
     Trainer(cfg, log=lambda _: None).run()

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -324,7 +325,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         if hint is dict:
             if isinstance(value, str):
-                value = json.loads(value)
+                value = parse_options(value)
             if not isinstance(value, dict):
                 raise ValueError(value)
             return value
@@ -332,6 +333,30 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"invalid value for {key}: {value!r} (expected {hint.__name__})") from None
+    except (ValueError, TypeError, json.JSONDecodeError, tomllib.TOMLDecodeError):
+        expected = ("a table: KEY=VALUE[,KEY=VALUE...], JSON or a TOML inline table" if hint is dict
+                    else hint.__name__)
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected {expected})") from None
     return value
+
+
+def parse_options(text: str) -> dict:
+    """Options from the command line: ``KEY=VALUE[,KEY=VALUE...]`` (each VALUE read as JSON where it parses,
+    e.g. ``betas=[0.9,0.95]``, else kept as a string: ``rotation=kronecker``), a JSON object
+    (``{"momentum": 0.9}``) or a TOML inline table (``{betas = [0.9, 0.95]}``)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return tomllib.loads(f"options = {text}")["options"]
+    out = {}
+    for item in filter(None, re.split(r",\s*(?=[A-Za-z_]\w*\s*=)", text)):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(item)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw.strip()
+    return out
