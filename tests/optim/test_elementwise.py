@@ -105,3 +105,21 @@ def test_ortho_adam_kronecker_rotation_compiles_to_the_eager_result():
     info.train(compiled, list(compiled_model.parameters()), range(4))
     assert compiled.impl == "compiled" and any(len(f) == 2 for f in compiled._rotations.values())
     info.assert_equal(info.snapshot(compiled_model.parameters()), info.snapshot(eager_model.parameters()), atol=1e-5)
+
+
+def test_adafactor_fused_kernels_match_torch_in_float32_and_fall_back_where_they_cannot_build(monkeypatch):
+    # float32 sums in a different order (per row, then blocks of 256 rows) than torch's reductions: a few ulps
+    torch_model, fused_model = Battery(), Battery()
+    reference = info.make("adafactor", "foreach", torch_model)
+    fused = info.make("adafactor", "fused", fused_model)
+    assert fused.impl == "fused"
+    info.train(reference, list(torch_model.parameters()), range(6))
+    info.train(fused, list(fused_model.parameters()), range(6))
+    info.assert_equal(info.snapshot(fused_model.parameters()), info.snapshot(torch_model.parameters()), atol=1e-5)
+
+    from lmopt.optim import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    with pytest.warns(UserWarning, match="Adafactor\\(impl='fused'\\): the C\\+\\+ kernels cannot be built"):
+        fallback = info.make("adafactor", "fused", Battery())
+    assert fallback.impl == "compiled"

@@ -120,7 +120,7 @@ def test_matrix_groups_hold_only_hidden_matrices():
         ("spectra", {"rank_fraction": 0.0}, "Invalid rank_fraction"),
         ("msam", {"stability": "entropy"}, "Invalid stability"),
         ("adamw", {"impl": "cuda"}, "Invalid impl"),
-        ("adafactor", {"impl": "fused"}, "Invalid impl: 'fused'; choose one of 'foreach', 'for-loop'"),
+        ("adafactor", {"impl": "cuda"}, "Invalid impl: 'cuda'; choose one of 'foreach', 'for-loop'"),
         ("lamb", {"eps": 0.0}, "Invalid eps"),
         ("adafactor", {"beta2_decay": 0.5}, r"Invalid beta2_decay: 0.5 must be <= 0"),
         ("spectra", {"momentum": -0.1}, r"Invalid momentum: -0.1 must lie in \[0, 1\)"),

@@ -22,20 +22,29 @@ out of place, with the column statistics reduced across ranks; the state has tor
 one compiled call per tensor), without torch's per-tensor ``.item()`` reads and full-size temporaries: the
 row-by-column variance estimate is an outer product (``row_var * col_var``, what torch's ``row_var @ col_var``
 computes for (m, 1) x (1, n) factors) fused into the update. It keeps torch's state layout.
+
+``impl="fused"`` runs each matrix's step as three C++ passes (:mod:`lmopt.optim.cpu_kernels`): the row and
+column sums of g² with ‖W‖² (one read of g and W), Σ g²/v̂ for the update's RMS (one read of g), and the update
+with weight decay (one read of g and W, one write of W): fewer passes than fused AdamW makes, where the compiled
+step takes 3.5x its time (a column reduction reads with a stride; each reduction is its own pass). Other
+tensors (1-D, bf16, non-CPU) run the compiled step; where the kernels cannot be built it warns once and runs
+"compiled". Same state layout; the same arithmetic up to summation order.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from lmopt.optim import cpu_kernels
 from lmopt.optim.common import torch_step
 from lmopt.optim.distributed import is_dtensor, replicated
 from lmopt.optim.elementwise import run_compiled
 from lmopt.optim.spec import OptionError, register_class
 
-IMPLS = ("foreach", "for-loop", "compiled")
+IMPLS = ("foreach", "for-loop", "compiled", "fused")
 
 
 class Adafactor(torch.optim.Adafactor):
@@ -48,7 +57,7 @@ class Adafactor(torch.optim.Adafactor):
         eps2: the floor of the parameter RMS that scales the step (torch's ``eps[1]``).
         d: the update clipping threshold (the update's RMS is divided by max(1, RMS/d)).
         weight_decay: decoupled weight decay, multiplied by lr.
-        impl: "foreach", "for-loop" or "compiled".
+        impl: "foreach", "for-loop", "compiled" or "fused" (C++ kernels for fp32/fp64 CPU matrices).
         **torch_options: any other ``torch.optim.Adafactor`` argument (``eps`` as a pair overrides ``eps2``,
             ``foreach`` overrides ``impl``, ``maximize``).
     """
@@ -63,6 +72,10 @@ class Adafactor(torch.optim.Adafactor):
         if "foreach" in torch_options:
             impl = "foreach" if torch_options["foreach"] else "for-loop"
         torch_options["foreach"] = impl == "foreach"
+        if impl == "fused" and cpu_kernels.kernels() is None:
+            warnings.warn(f"Adafactor(impl='fused'): the C++ kernels cannot be built here "
+                          f"({cpu_kernels.unavailable_reason()}); using impl='compiled'", stacklevel=2)
+            impl = "compiled"
         super().__init__(params, lr=lr, beta2_decay=beta2_decay, d=d, weight_decay=weight_decay, **torch_options)
         self.impl = impl
 
@@ -73,7 +86,7 @@ class Adafactor(torch.optim.Adafactor):
     @torch.no_grad()
     def step(self, closure=None):
         sharded = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
-        if not sharded and self.impl != "compiled":
+        if not sharded and self.impl not in ("compiled", "fused"):
             return torch_step(torch.optim.Adafactor, self, closure)
         loss = None
         if closure is not None:
@@ -105,9 +118,11 @@ class Adafactor(torch.optim.Adafactor):
                 constants = {"weight_decay": group["weight_decay"], "d": group["d"], "eps2": eps2,
                              "eps1": torch.finfo(p.dtype).eps if eps1 is None else eps1,
                              "maximize": group["maximize"]}
-                if not (self.impl == "compiled"
-                        and run_compiled(self, adafactor_update, [p], [tensors], [scalars], [constants],
-                                         fallback="for-loop")):
+                if self.impl == "fused" and cpu_kernels.usable(p, p.grad):
+                    fused_factored_update(p, p.grad, tensors, scalars, constants)
+                elif not (self.impl in ("compiled", "fused")
+                          and run_compiled(self, adafactor_update, [p], [tensors], [scalars], [constants],
+                                           fallback="for-loop")):
                     adafactor_update(p, p.grad, tensors, scalars, constants)
 
     def _sharded_update(self, p, state: dict, group: dict) -> None:
@@ -181,6 +196,25 @@ def adafactor_update(p, grad, tensors, scalars, c) -> None:
     # p <- p (1 - lr λ) + ... in one expression even when λ = 0 (x·1 is exact): an in-place add alone was
     # compiled as a fresh full-size result copied back into p (2x slower on the embedding)
     p.copy_(p * (1 - lr * c["weight_decay"]) + grad * inverse_std * -step_size)
+
+
+def fused_factored_update(p, grad, tensors, scalars, c) -> None:
+    """:func:`adafactor_update` on a matrix by the three C++ passes of :mod:`lmopt.optim.cpu_kernels`."""
+    kernels = cpu_kernels.kernels()
+    lr, one_minus_beta2, rho = scalars
+    row_var, col_var = tensors
+    rows, cols = grad.shape
+    row_sq, col_sq, p_sq = kernels.adafactor_stats(p, grad)
+    row_var.lerp_(row_sq.view_as(row_var).to(row_var.dtype) / cols, one_minus_beta2)
+    col_var.lerp_(col_sq.view_as(col_var).to(col_var.dtype) / rows, one_minus_beta2)
+    row_scale = row_var.mean(dim=-2, keepdim=True).clamp(min=c["eps1"])
+    row_factor, col = (row_var / row_scale).view(-1).double(), col_var.view(-1).double()
+    floor = c["eps1"] ** 2
+    alpha = max(math.sqrt(p_sq.item() / p.numel()), c["eps2"]) * rho
+    update_rms = math.sqrt(kernels.adafactor_inverse_variance_sum(grad, row_factor, col, floor) / p.numel())
+    step_size = alpha / max(update_rms / c["d"], 1.0)
+    kernels.adafactor_update(p, grad, row_factor, col, floor, 1 - lr * c["weight_decay"],
+                             -step_size if c["maximize"] else step_size)
 
 
 register_class(
