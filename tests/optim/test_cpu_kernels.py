@@ -48,3 +48,23 @@ def test_only_contiguous_cpu_matrices_of_one_float_dtype_are_taken():
     assert not cpu_kernels.usable(torch.zeros(4), torch.zeros(4))  # 1-D
     assert not cpu_kernels.usable(a.bfloat16(), a.bfloat16())
     assert not cpu_kernels.usable(a, a.double())
+
+
+def test_lamb_passes_match_its_eager_update():
+    from lmopt.optim.lamb import LAMB
+
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(700, 33), (5001,)]:  # several parallel chunks, and a 1-D tensor
+        w = torch.randn(shape, generator=gen)
+        grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+        results = []
+        for impl in ("for-loop", "fused"):
+            p = torch.nn.Parameter(w.clone())
+            opt = LAMB([p], lr=0.05, weight_decay=0.1, impl=impl)
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+            results.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()))
+        for eager, fused in zip(*results, strict=True):
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(results[1][0], w)

@@ -59,6 +59,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out[f"spectra (refresh every {SPECTRA_REFRESH})"] = ("spectra", {"refresh_interval": SPECTRA_REFRESH})
     out["spectra (refresh after the step)"] = ("spectra", {"refresh_timing": "after"})
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
+    out["lamb (fused)"] = ("lamb", {"impl": "fused"})
     out["ortho-adam (kronecker)"] = ("ortho-adam", {"rotation": "kronecker"})
     if compiled:
         out["ortho-adam (kronecker, compiled)"] = ("ortho-adam", {"rotation": "kronecker", "impl": "compiled"})

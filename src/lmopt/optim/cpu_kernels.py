@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from lmopt.optim.distributed import is_dtensor
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -139,6 +141,66 @@ void factored_update(T* p, const T* g, int64_t m, int64_t n, const double* row_f
   }
 }
 
+// LAMB, pass 1: Adam's moments in place, and sum r^2, sum w^2 for r = m_hat / (sqrt(v_hat) + eps) + wd w (one read
+// of g, m, v, w; one write of m, v).
+template <typename T>
+void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1,
+                  double bias2, double eps, double wd, double* out) {
+  const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
+  const T ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps), w = static_cast<T>(wd);
+  double r_sq = 0.0, p_sq = 0.0;
+  const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static) reduction(+ : r_sq, p_sq)
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t end = std::min(n, start + chunk);
+    T rs = 0, ps = 0;
+#pragma omp simd reduction(+ : rs, ps)
+    for (int64_t j = start; j < end; ++j) {
+      const T x = g[j];
+      const T mj = m[j] + (1 - b1) * (x - m[j]);
+      const T vj = v[j] * b2 + (1 - b2) * x * x;
+      m[j] = mj;
+      v[j] = vj;
+      const T r = (mj * ib1) / (std::sqrt(vj * ib2) + e) + w * p[j];
+      rs += r * r;
+      ps += p[j] * p[j];
+    }
+    r_sq += rs;
+    p_sq += ps;
+  }
+  out[0] = r_sq;
+  out[1] = p_sq;
+}
+
+// LAMB, pass 2: w <- w (1 - step wd) - step m_hat / (sqrt(v_hat) + eps) (one read of m, v, w; one write of w).
+template <typename T>
+void lamb_apply(T* p, const T* m, const T* v, int64_t n, double bias1, double bias2, double eps, double decay,
+                double step) {
+  const T ib1 = static_cast<T>(1.0 / bias1), ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps);
+  const T d = static_cast<T>(decay), s = static_cast<T>(step);
+#pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * d - s * (m[j] * ib1) / (std::sqrt(v[j] * ib2) + e);
+}
+
+torch::Tensor lamb_moments_(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1,
+                            double beta2, double bias1, double bias2, double eps, double wd) {
+  auto out = torch::empty({2}, p.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_moments", [&] {
+    lamb_moments<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
+                           v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd,
+                           out.data_ptr<double>());
+  });
+  return out;
+}
+
+void lamb_apply_(torch::Tensor p, torch::Tensor m, torch::Tensor v, double bias1, double bias2, double eps,
+                 double decay, double step) {
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_apply", [&] {
+    lamb_apply<scalar_t>(p.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), p.numel(), bias1,
+                         bias2, eps, decay, step);
+  });
+}
+
 std::vector<torch::Tensor> adafactor_stats(torch::Tensor p, torch::Tensor g) {
   const int64_t m = g.size(0), n = g.size(1);
   auto options = g.options().dtype(torch::kFloat64);
@@ -168,9 +230,11 @@ void adafactor_update(torch::Tensor p, torch::Tensor g, torch::Tensor row_factor
 }
 """
 
+# -fno-math-errno: sqrt must not set errno, or GCC will not vectorize it
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
-_FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update"]
+_FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_"]
 _failure: list[str] = []
 
 
@@ -184,8 +248,8 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v3_{capability.lower()}", cpp_sources=[_SOURCE],
-                           functions=_FUNCTIONS, extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
+        return load_inline(name=f"lmopt_cpu_kernels_v5_{capability.lower()}", cpp_sources=[_SOURCE],
+                           functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
         _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}")
@@ -196,8 +260,9 @@ def unavailable_reason() -> str:
     return _failure[-1] if _failure else ""
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """The kernels take contiguous 2-D float32/float64 CPU tensors of one dtype."""
+def usable(*tensors: torch.Tensor, matrix: bool = True) -> bool:
+    """The kernels take contiguous float32/float64 CPU tensors of one dtype and shape (2-D where ``matrix``)."""
     first = tensors[0]
-    return all(t.device.type == "cpu" and t.dim() == 2 and t.is_contiguous() and t.dtype == first.dtype
-               and t.dtype in (torch.float32, torch.float64) and t.shape == first.shape for t in tensors)
+    return all(t.device.type == "cpu" and (t.dim() == 2 or not matrix) and t.is_contiguous()
+               and t.dtype == first.dtype and t.dtype in (torch.float32, torch.float64) and t.shape == first.shape
+               and not is_dtensor(t) for t in tensors)

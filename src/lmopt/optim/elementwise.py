@@ -41,9 +41,9 @@ RECOMPILE_LIMIT = 64  # compiled layouts (optimizer class x parameter shapes) pe
 Update = Callable[[Tensor, Tensor, Sequence[Tensor], Sequence, dict], None]
 
 
-def check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise OptionError(f"Invalid impl: {impl!r}; choose one of {', '.join(IMPLS)}")
+def check_impl(impl: str, impls: Sequence[str] = IMPLS) -> None:
+    if impl not in impls:
+        raise OptionError(f"Invalid impl: {impl!r}; choose one of {', '.join(impls)}")
 
 
 def bias_corrections(betas: Sequence[float], step: int) -> tuple[float, ...]:
@@ -83,8 +83,10 @@ def _compiled_loop(update: Update) -> Callable:
 class ElementwiseOptimizer(LmoptOptimizer):
     """Base class of the per-tensor optimizers (see the module docstring)."""
 
+    impls: tuple[str, ...] = IMPLS  # a subclass with a ``fused_update`` adds "fused"
+
     def __init__(self, params, defaults: dict, impl: str = "for-loop") -> None:
-        check_impl(impl)
+        check_impl(impl, self.impls)
         super().__init__(params, defaults)
         self.impl = impl
 
@@ -132,8 +134,10 @@ class ElementwiseOptimizer(LmoptOptimizer):
             return
         compiled = self.impl == "compiled" and not any(is_dtensor(p) for p in params)
         if not (compiled and self._run_compiled(work, tensors, scalars, constants, grads)):
+            fused = self.impl == "fused"
             for w, g, ts, s, c in zip(work, grads, tensors, scalars, constants, strict=True):
-                self.update(w, g, ts, s, c)
+                if not (fused and self.fused_update(w, g, ts, s, c)):
+                    self.update(w, g, ts, s, c)
         for p, w in zip(params, work, strict=True):
             if w is not p:
                 p.copy_(w)

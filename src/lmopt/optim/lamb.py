@@ -15,8 +15,12 @@ as in the paper's Algorithm 2.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
+from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_
@@ -45,8 +49,9 @@ class LAMB(AdamFamily):
         eps: added to the square root of the bias-corrected second moment (> 0).
         weight_decay: λ (>= 0), added to the Adam direction inside the trust ratio (so also scaled by it).
         max_trust: the cap on ||w|| in the trust ratio's numerator (> 0; the NVIDIA/apex clip).
-        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
-            compilation is unavailable it warns once and runs "for-loop").
+        impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
+            CPU tensor: the moments with both norms, then the step; other tensors run "for-loop").
     """
 
     def __init__(self, params, lr: float = 2e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -55,10 +60,29 @@ class LAMB(AdamFamily):
         check_betas(betas)
         if max_trust <= 0:
             raise OptionError(f"Invalid max_trust: {max_trust}")
+        if impl == "fused" and cpu_kernels.kernels() is None:
+            warnings.warn(f"LAMB(impl='fused'): the C++ kernels cannot be built here "
+                          f"({cpu_kernels.unavailable_reason()}); using impl='compiled'", stacklevel=2)
+            impl = "compiled"
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust),
                          impl)
 
     constant_keys = ("max_trust",)
+    impls = (*ELEMENTWISE_IMPLS, "fused")
+
+    def fused_update(self, p, grad, tensors, scalars, c) -> bool:
+        """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): the moments with ||r||² and ||w||², then the step."""
+        exp_avg, exp_avg_sq = tensors
+        kernels = cpu_kernels.kernels()
+        if kernels is None or not cpu_kernels.usable(p, grad, exp_avg, exp_avg_sq, matrix=False):
+            return False
+        lr, bias1, bias2 = scalars
+        r_sq, w_sq = kernels.lamb_moments_(p, grad, exp_avg, exp_avg_sq, *c["betas"], bias1, bias2, c["eps"],
+                                           c["weight_decay"]).tolist()
+        w_norm, r_norm = min(math.sqrt(w_sq), c["max_trust"]), math.sqrt(r_sq)
+        step = lr * (w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0)
+        kernels.lamb_apply_(p, exp_avg, exp_avg_sq, bias1, bias2, c["eps"], 1 - step * c["weight_decay"], step)
+        return True
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
@@ -80,5 +104,5 @@ register_class(
     summary="LAMB: Adam direction rescaled per tensor by the trust ratio ||w|| / ||update||",
     source="You et al. 2020, arXiv:1904.00962",
     state_bytes_per_param=8.0,
-    impls=ELEMENTWISE_IMPLS,
+    impls=(*ELEMENTWISE_IMPLS, "fused"),
 )
