@@ -68,3 +68,22 @@ def test_lamb_passes_match_its_eager_update():
         for eager, fused in zip(*results, strict=True):
             torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
         assert not torch.equal(results[1][0], w)
+
+
+@pytest.mark.parametrize("stability", ["cosine", "variance"])
+def test_msam_passes_match_its_eager_update(stability):
+    from lmopt.optim import build
+    from tests.optim.infos import Battery
+
+    results = []
+    for impl in ("for-loop", "fused"):
+        model = Battery()
+        opt = build("msam", model, lr=0.01, weight_decay=0.1, impl=impl, stability=stability)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) + 0.5 * p.detach()  # a stable part: gamma > 0
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for eager, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)

@@ -201,6 +201,69 @@ void lamb_apply_(torch::Tensor p, torch::Tensor m, torch::Tensor v, double bias1
   });
 }
 
+// MSAM, pass 1: a.b, a.a, b.b (one read of a and b).
+template <typename T>
+void dot_norms(const T* a, const T* b, int64_t n, double* out) {
+  double ab = 0.0, aa = 0.0, bb = 0.0;
+  const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static) reduction(+ : ab, aa, bb)
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t end = std::min(n, start + chunk);
+    T x = 0, y = 0, z = 0;
+#pragma omp simd reduction(+ : x, y, z)
+    for (int64_t j = start; j < end; ++j) {
+      x += a[j] * b[j];
+      y += a[j] * a[j];
+      z += b[j] * b[j];
+    }
+    ab += x;
+    aa += y;
+    bb += z;
+  }
+  out[0] = ab;
+  out[1] = aa;
+  out[2] = bb;
+}
+
+// MSAM, pass 2: both momenta and the second moment in place, then w <- w decay - lr m / (sqrt(v c_v) + eps) with
+// m = c_f fast + c_s slow (c_f = alpha / bias_fast, c_s = (1 - alpha) / bias_slow, c_v = 1 / bias_v).
+template <typename T>
+void msam_apply(T* p, const T* g, T* fast, T* slow, T* v, int64_t n, double beta_fast, double beta_slow,
+                double beta_v, double c_fast, double c_slow, double c_v, double eps, double decay, double lr) {
+  const T bf = static_cast<T>(beta_fast), bs = static_cast<T>(beta_slow), bv = static_cast<T>(beta_v);
+  const T cf = static_cast<T>(c_fast), cs = static_cast<T>(c_slow), cv = static_cast<T>(c_v);
+  const T e = static_cast<T>(eps), d = static_cast<T>(decay), l = static_cast<T>(lr);
+#pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = g[j];
+    const T f = fast[j] + (1 - bf) * (x - fast[j]);
+    const T s = slow[j] + (1 - bs) * (x - slow[j]);
+    const T vj = v[j] * bv + (1 - bv) * x * x;
+    fast[j] = f;
+    slow[j] = s;
+    v[j] = vj;
+    p[j] = p[j] * d - l * (f * cf + s * cs) / (std::sqrt(vj * cv) + e);
+  }
+}
+
+torch::Tensor dot_norms_(torch::Tensor a, torch::Tensor b) {
+  auto out = torch::empty({3}, a.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dot_norms", [&] {
+    dot_norms<scalar_t>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.numel(), out.data_ptr<double>());
+  });
+  return out;
+}
+
+void msam_apply_(torch::Tensor p, torch::Tensor g, torch::Tensor fast, torch::Tensor slow, torch::Tensor v,
+                 double beta_fast, double beta_slow, double beta_v, double c_fast, double c_slow, double c_v,
+                 double eps, double decay, double lr) {
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "msam_apply", [&] {
+    msam_apply<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), fast.data_ptr<scalar_t>(),
+                         slow.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), p.numel(), beta_fast, beta_slow, beta_v,
+                         c_fast, c_slow, c_v, eps, decay, lr);
+  });
+}
+
 std::vector<torch::Tensor> adafactor_stats(torch::Tensor p, torch::Tensor g) {
   const int64_t m = g.size(0), n = g.size(1);
   auto options = g.options().dtype(torch::kFloat64);
@@ -234,7 +297,8 @@ void adafactor_update(torch::Tensor p, torch::Tensor g, torch::Tensor row_factor
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
-_FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_"]
+_FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
+              "dot_norms_", "msam_apply_"]
 _failure: list[str] = []
 
 
@@ -248,7 +312,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v5_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v6_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back

@@ -27,8 +27,13 @@ Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 fo
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import torch
 from torch import Tensor
 
+from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
@@ -78,8 +83,9 @@ class MSAM(ElementwiseOptimizer):
         weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
         stability: the measure γ: "cosine" (max(0, cos(g, m_slow))) or "variance"
             (1 - ||g - m_slow||² / (||g||² + ||m_slow||²), clamped to [0, 1]).
-        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
-            compilation is unavailable it warns once and runs "for-loop").
+        impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
+            CPU tensor: γ's three sums, then the moments and the step; other tensors run "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
@@ -89,10 +95,33 @@ class MSAM(ElementwiseOptimizer):
         check_betas(betas)
         if stability not in STABILITY_MEASURES:
             raise OptionError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+        if impl == "fused" and cpu_kernels.kernels() is None:
+            warnings.warn(f"MSAM(impl='fused'): the C++ kernels cannot be built here "
+                          f"({cpu_kernels.unavailable_reason()}); using impl='compiled'", stacklevel=2)
+            impl = "compiled"
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability),
                          impl)
 
     buffers = ("fast", "slow", "exp_avg_sq")
+    impls = (*ELEMENTWISE_IMPLS, "fused")
+
+    def fused_update(self, p, grad, tensors, scalars, c) -> bool:
+        """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): g·m_slow, ‖g‖², ‖m_slow‖² for γ; then the moments and
+        the step."""
+        fast, slow, exp_avg_sq = tensors
+        kernels = cpu_kernels.kernels()
+        if kernels is None or not cpu_kernels.usable(p, grad, fast, slow, exp_avg_sq, matrix=False):
+            return False
+        lr, bias_fast, bias_slow, bias_v = scalars
+        gs, gg, ss = kernels.dot_norms_(grad, slow).tolist()
+        if c["stability"] == "cosine":
+            gamma = gs / max(math.sqrt(gg) * math.sqrt(ss), 1e-30)
+        else:  # ||g - s||² = ||g||² + ||s||² - 2 g·s
+            gamma = 1 - (gg + ss - 2 * gs) / max(gg + ss, 1e-30)
+        alpha = alpha_for_role(c["role"], torch.tensor(min(max(gamma, 0.0), 1.0))).item()
+        kernels.msam_apply_(p, grad, fast, slow, exp_avg_sq, *c["betas"], alpha / bias_fast, (1 - alpha) / bias_slow,
+                            1 / bias_v, c["eps"], 1 - lr * c["weight_decay"], lr)
+        return True
 
     def scalars(self, group, state):
         return (group["lr"], *bias_corrections(group["betas"], state["step"]))
@@ -123,5 +152,5 @@ register_class(
     summary="MSAM: Adam with fast+slow momenta mixed per role by gradient stability",
     source="Aardvark 2025, Multi-Scale Adaptive Momentum, short paper",
     state_bytes_per_param=12.0,
-    impls=ELEMENTWISE_IMPLS,
+    impls=(*ELEMENTWISE_IMPLS, "fused"),
 )
