@@ -34,7 +34,6 @@ tensors (1-D, bf16, non-CPU) run the compiled step; where the kernels cannot be 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -72,10 +71,7 @@ class Adafactor(torch.optim.Adafactor):
         if "foreach" in torch_options:
             impl = "foreach" if torch_options["foreach"] else "for-loop"
         torch_options["foreach"] = impl == "foreach"
-        if impl == "fused" and cpu_kernels.kernels() is None:
-            warnings.warn(f"Adafactor(impl='fused'): the C++ kernels cannot be built here "
-                          f"({cpu_kernels.unavailable_reason()}); using impl='compiled'", stacklevel=2)
-            impl = "compiled"
+        impl = cpu_kernels.fused_or_fallback(impl, "Adafactor")
         super().__init__(params, lr=lr, beta2_decay=beta2_decay, d=d, weight_decay=weight_decay, **torch_options)
         self.impl = impl
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -318,6 +319,15 @@ def kernels() -> ModuleType | None:
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
         _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}")
         return None
+
+
+def fused_or_fallback(impl: str, owner: str) -> str:
+    """``impl``, or "compiled" (after a warning) when it is "fused" and the kernels cannot be built here."""
+    if impl == "fused" and kernels() is None:
+        warnings.warn(f"{owner}(impl='fused'): the C++ kernels cannot be built here ({unavailable_reason()}); "
+                      "using impl='compiled'", stacklevel=3)
+        return "compiled"
+    return impl
 
 
 def unavailable_reason() -> str:

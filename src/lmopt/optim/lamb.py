@@ -16,7 +16,6 @@ as in the paper's Algorithm 2.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -60,10 +59,7 @@ class LAMB(AdamFamily):
         check_betas(betas)
         if max_trust <= 0:
             raise OptionError(f"Invalid max_trust: {max_trust}")
-        if impl == "fused" and cpu_kernels.kernels() is None:
-            warnings.warn(f"LAMB(impl='fused'): the C++ kernels cannot be built here "
-                          f"({cpu_kernels.unavailable_reason()}); using impl='compiled'", stacklevel=2)
-            impl = "compiled"
+        impl = cpu_kernels.fused_or_fallback(impl, "LAMB")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust),
                          impl)
 
@@ -104,5 +100,5 @@ register_class(
     summary="LAMB: Adam direction rescaled per tensor by the trust ratio ||w|| / ||update||",
     source="You et al. 2020, arXiv:1904.00962",
     state_bytes_per_param=8.0,
-    impls=(*ELEMENTWISE_IMPLS, "fused"),
+    impls=LAMB.impls,
 )

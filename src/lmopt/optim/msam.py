@@ -28,7 +28,6 @@ Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 fo
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -95,10 +94,7 @@ class MSAM(ElementwiseOptimizer):
         check_betas(betas)
         if stability not in STABILITY_MEASURES:
             raise OptionError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
-        if impl == "fused" and cpu_kernels.kernels() is None:
-            warnings.warn(f"MSAM(impl='fused'): the C++ kernels cannot be built here "
-                          f"({cpu_kernels.unavailable_reason()}); using impl='compiled'", stacklevel=2)
-            impl = "compiled"
+        impl = cpu_kernels.fused_or_fallback(impl, "MSAM")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability),
                          impl)
 
@@ -152,5 +148,5 @@ register_class(
     summary="MSAM: Adam with fast+slow momenta mixed per role by gradient stability",
     source="Aardvark 2025, Multi-Scale Adaptive Momentum, short paper",
     state_bytes_per_param=12.0,
-    impls=(*ELEMENTWISE_IMPLS, "fused"),
+    impls=MSAM.impls,
 )
