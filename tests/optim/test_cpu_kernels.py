@@ -87,3 +87,69 @@ def test_msam_passes_match_its_eager_update(stability):
         results.append([p.detach().clone() for p in model.parameters()])
     for eager, fused in zip(*results, strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"refresh_timing": "after"}, {"refresh_timing": "after", "power_iters": 2},
+                                     {"refresh_interval": 3, "shaping": "remove"}])
+def test_spectra_fused_passes_match_its_foreach_update(options):
+    """Wide, tall and square matrices (each side of the kernels), 6 steps: every refresh path of the fused step."""
+    from lmopt.optim.spectra import Spectra
+
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(40, 150), (150, 40), (40, 150), (37, 37), (9, 70)]  # rows not a multiple of the 4-row groups
+    weights = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) + 3 * torch.randn(shape[0], 1, generator=gen)
+              * torch.randn(1, shape[1], generator=gen) for shape in shapes] for _ in range(6)]  # a rank-1 spike
+    results = []
+    for impl in ("foreach", "fused"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = Spectra(params, lr=0.05, rank_fraction=0.1, impl=impl, **options)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append([(p.detach().clone(), opt.state[p]["momentum_buffer"].clone(), opt.state[p]["basis"].clone())
+                        for p in params])
+    for foreach, fused in zip(*results, strict=True):
+        for a, b in zip(foreach, fused, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert all(not torch.equal(p, w) for (p, _, _), w in zip(results[1], weights, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectra_kernels_match_torch_products(dtype):
+    kernels = cpu_kernels.kernels()
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 301, 77, 6  # 301 rows: more than one summation block per thread, and a partial 4-row group
+    M = torch.randn(m, n, generator=gen, dtype=dtype)
+    g = torch.randn(m, n, generator=gen, dtype=dtype)
+    U, V = torch.randn(m, k, generator=gen, dtype=dtype), torch.randn(n, k, generator=gen, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    expected = M.lerp(g, 0.05)
+    left, energy = kernels.spectra_momentum_(M, g, 0.05, U, True)
+    torch.testing.assert_close(M, expected, **tol)
+    torch.testing.assert_close(left, U.mT @ expected, **tol)
+    assert energy.item() == pytest.approx(expected.double().square().sum().item(), rel=1e-5)
+    torch.testing.assert_close(kernels.spectra_project(M, V.mT, False), M @ V, **tol)
+    torch.testing.assert_close(kernels.spectra_project(M, U, True), U.mT @ M, **tol)
+    W = torch.randn(m, n, generator=gen, dtype=dtype)
+    P, Q = torch.randn(m, k, generator=gen, dtype=dtype), torch.randn(k, n, generator=gen, dtype=dtype)
+    for grow, product in [(0, None), (1, M @ Q.mT), (2, P.mT @ M)]:
+        W2 = W.clone()
+        out = kernels.spectra_apply_(W2, M, P, Q, 0.99, -0.3, grow)
+        torch.testing.assert_close(W2, 0.99 * W - 0.3 * M + P @ Q, **tol)
+        if product is not None:
+            torch.testing.assert_close(out, product, **tol)
+
+
+def test_spectra_kernels_refuse_factors_that_do_not_fit():
+    kernels = cpu_kernels.kernels()
+    M, g = torch.zeros(8, 5), torch.zeros(8, 5)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernels.spectra_momentum_(M, g, 0.1, torch.zeros(5, 2), True)  # a left factor needs M's 8 rows
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernels.spectra_project(M, torch.zeros(2, 8), False)
+    with pytest.raises(RuntimeError, match="must match"):
+        kernels.spectra_momentum_(M, torch.zeros(5, 8), 0.1, torch.zeros(8, 2), True)
+    with pytest.raises(RuntimeError, match="share k"):
+        kernels.spectra_apply_(M.clone(), M, torch.zeros(8, 2), torch.zeros(3, 5), 1.0, 0.0, 0)

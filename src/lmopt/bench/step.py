@@ -58,6 +58,10 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["spectra (for-loop)"] = ("spectra", {"impl": "for-loop"})
     out[f"spectra (refresh every {SPECTRA_REFRESH})"] = ("spectra", {"refresh_interval": SPECTRA_REFRESH})
     out["spectra (refresh after the step)"] = ("spectra", {"refresh_timing": "after"})
+    out["spectra (fused)"] = ("spectra", {"impl": "fused"})
+    out[f"spectra (fused, refresh every {SPECTRA_REFRESH})"] = ("spectra", {"impl": "fused",
+                                                                        "refresh_interval": SPECTRA_REFRESH})
+    out["spectra (fused, refresh after the step)"] = ("spectra", {"impl": "fused", "refresh_timing": "after"})
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
     out["msam (fused)"] = ("msam", {"impl": "fused"})

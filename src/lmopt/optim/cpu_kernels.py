@@ -28,6 +28,7 @@ _SOURCE = r"""
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 // Adafactor, pass 1: sum_j g_ij^2 per row, sum_i g_ij^2 per column, sum_ij p_ij^2 (one read of g and p). Sums
@@ -265,6 +266,283 @@ void msam_apply_(torch::Tensor p, torch::Tensor g, torch::Tensor fast, torch::Te
   });
 }
 
+// Spectra. Row-major M (m x n); a rank-k factor is applied on the rows' side ("left": U^T M, k x n, a reduction
+// over rows, in per-thread partials) or on the columns' side ("right": M V, m x k, k dot products per row).
+
+// acc[a][j] += sum_r coef[r][a] rows[r][j] for `count` (<= 4) consecutive rows: one read of acc per 4 rows
+template <typename T>
+inline void accumulate_rows(T* acc, const T* rows, int64_t count, int64_t n, const T* coef, int64_t k) {
+  constexpr int64_t kColumns = 512;  // a column chunk of the rows stays in L1 across the k passes
+  for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
+    const int64_t j1 = std::min(n, j0 + kColumns);
+    for (int64_t a = 0; a < k; ++a) {
+      T* out = acc + a * n;
+      if (count == 4) {
+        const T c0 = coef[a], c1 = coef[k + a], c2 = coef[2 * k + a], c3 = coef[3 * k + a];
+        const T *r0 = rows, *r1 = rows + n, *r2 = rows + 2 * n, *r3 = rows + 3 * n;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
+      } else {
+        for (int64_t r = 0; r < count; ++r) {
+          const T c = coef[r * k + a];
+          const T* row = rows + r * n;
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) out[j] += c * row[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void project_tail(const T* row, int64_t n, const T* vt, int64_t from, int64_t k, T* out) {
+  for (int64_t a = from; a < k; ++a) {
+    const T* v = vt + a * n;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += row[j] * v[j];
+    out[a] = s;
+  }
+}
+
+// out[a] = sum_j row[j] vt[a][j] (vt: k x n): four dot products per pass over the row, so that four
+// independent accumulators hide the FMA latency
+template <typename T>
+inline void project_row(const T* row, int64_t n, const T* vt, int64_t k, T* out) {
+  int64_t a = 0;
+  for (; a + 4 <= k; a += 4) {
+    const T *v0 = vt + a * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = row[j];
+      s0 += x * v0[j];
+      s1 += x * v1[j];
+      s2 += x * v2[j];
+      s3 += x * v3[j];
+    }
+    out[a] = s0;
+    out[a + 1] = s1;
+    out[a + 2] = s2;
+    out[a + 3] = s3;
+  }
+  project_tail(row, n, vt, a, k, out);
+}
+
+// row[j] += sum_a c[a] q[a][j] (q: k x n), four rows of q per pass over the row
+template <typename T>
+inline void add_combination(T* row, int64_t n, const T* q, const T* c, int64_t k) {
+  int64_t a = 0;
+  for (; a + 4 <= k; a += 4) {
+    const T c0 = c[a], c1 = c[a + 1], c2 = c[a + 2], c3 = c[a + 3];
+    const T *q0 = q + a * n, *q1 = q0 + n, *q2 = q1 + n, *q3 = q2 + n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] += c0 * q0[j] + c1 * q1[j] + c2 * q2[j] + c3 * q3[j];
+  }
+  for (; a < k; ++a) {
+    const T ca = c[a];
+    const T* qa = q + a * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] += ca * qa[j];
+  }
+}
+
+// project_row for `count` (<= 4) consecutive rows; two rows at a time share each load of vt
+template <typename T>
+inline void project_rows(const T* rows, int64_t count, int64_t n, const T* vt, int64_t k, T* out) {
+  int64_t r = 0;
+  for (; r + 2 <= count; r += 2) {
+    const T *x0 = rows + r * n, *x1 = x0 + n;
+    T* o0 = out + r * k;
+    T* o1 = o0 + k;
+    int64_t a = 0;
+    for (; a + 4 <= k; a += 4) {
+      const T *v0 = vt + a * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
+      for (int64_t j = 0; j < n; ++j) {
+        const T y0 = x0[j], y1 = x1[j], w0 = v0[j], w1 = v1[j], w2 = v2[j], w3 = v3[j];
+        s0 += y0 * w0;
+        s1 += y0 * w1;
+        s2 += y0 * w2;
+        s3 += y0 * w3;
+        t0 += y1 * w0;
+        t1 += y1 * w1;
+        t2 += y1 * w2;
+        t3 += y1 * w3;
+      }
+      o0[a] = s0;
+      o0[a + 1] = s1;
+      o0[a + 2] = s2;
+      o0[a + 3] = s3;
+      o1[a] = t0;
+      o1[a + 1] = t1;
+      o1[a + 2] = t2;
+      o1[a + 3] = t3;
+    }
+    if (a < k) {
+      project_tail(x0, n, vt, a, k, o0);
+      project_tail(x1, n, vt, a, k, o1);
+    }
+  }
+  if (r < count) project_row(rows + r * n, n, vt, k, out + r * k);
+}
+
+// Per-thread k x n partials of a left product, summed over rows in blocks of T then in float64.
+template <typename T>
+struct LeftPartials {
+  int64_t k, n, groups = 0;
+  std::vector<T> block;
+  double* total;
+  LeftPartials(int64_t k_, int64_t n_, double* total_) : k(k_), n(n_), block(k_ * n_, T(0)), total(total_) {}
+  void add(const T* rows, int64_t count, const T* coef) {
+    accumulate_rows(block.data(), rows, count, n, coef, k);
+    if (++groups == kBlock / 4) flush();
+  }
+  void flush() {
+    for (int64_t j = 0; j < k * n; ++j) { total[j] += block[j]; block[j] = 0; }
+    groups = 0;
+  }
+};
+
+// this thread's `size` entries of per-thread partials
+inline double* own_slice(std::vector<double>& partial, int64_t size) {
+  return partial.data() + static_cast<size_t>(omp_get_thread_num()) * size;
+}
+
+template <typename T>
+void sum_partials(const std::vector<double>& partial, int threads, int64_t size, T* out) {
+  for (int64_t j = 0; j < size; ++j) {
+    double s = 0.0;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * size + j];
+    out[j] = static_cast<T>(s);
+  }
+}
+
+// Pass 1: M <- M + w (g - M) in place (one read of g and M, one write of M); sum M^2; and the spike's coordinates
+// from the same reads: U^T M (k x n, `left`, basis = U, m x k) or M V (m x k, basis = V^T, k x n). With g null:
+// the product only (one read of M).
+template <typename T>
+double spectra_momentum(T* M, const T* g, int64_t m, int64_t n, double weight, const T* basis, int64_t k,
+                        bool left, T* proj) {
+  const int threads = at::get_num_threads();
+  const T w = static_cast<T>(weight);
+  std::vector<double> partial(left ? static_cast<size_t>(threads) * k * n : 0, 0.0);
+  double total = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    std::unique_ptr<LeftPartials<T>> acc;
+    if (left) acc = std::make_unique<LeftPartials<T>>(k, n, own_slice(partial, k * n));
+#pragma omp for schedule(static)
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {
+      const int64_t count = std::min<int64_t>(4, m - i0);
+      for (int64_t i = i0; i < i0 + count; ++i) {
+        T* mi = M + i * n;
+        if (g != nullptr) {
+          const T* gi = g + i * n;
+          T s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < n; ++j) {
+            const T x = mi[j] + w * (gi[j] - mi[j]);
+            mi[j] = x;
+            s += x * x;
+          }
+          total += s;
+        }
+      }
+      if (left) acc->add(M + i0 * n, count, basis + i0 * k);
+      else project_rows(M + i0 * n, count, n, basis, k, proj + i0 * k);
+    }
+    if (left) acc->flush();
+  }
+  if (left) sum_partials(partial, threads, k * n, proj);
+  return total;
+}
+
+// Pass 2: W <- decay W + scale M + P Q (P m x k, Q k x n; one read of W and M, one write of W); from the same reads
+// of M, `grow` 1: M Q^T (m x k), 2: P^T M (k x n), the next basis's power-iteration product.
+template <typename T>
+void spectra_apply(T* W, const T* M, int64_t m, int64_t n, const T* P, const T* Q, int64_t k, double decay,
+                   double scale, int64_t grow, T* out) {
+  const int threads = at::get_num_threads();
+  const T d = static_cast<T>(decay), s = static_cast<T>(scale);
+  std::vector<double> partial(grow == 2 ? static_cast<size_t>(threads) * k * n : 0, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    std::unique_ptr<LeftPartials<T>> acc;
+    if (grow == 2) acc = std::make_unique<LeftPartials<T>>(k, n, own_slice(partial, k * n));
+#pragma omp for schedule(static)
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {
+      const int64_t count = std::min<int64_t>(4, m - i0);
+      for (int64_t i = i0; i < i0 + count; ++i) {
+        T* wi = W + i * n;
+        const T* mi = M + i * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) wi[j] = d * wi[j] + s * mi[j];
+        add_combination(wi, n, Q, P + i * k, k);
+      }
+      if (grow == 1) project_rows(M + i0 * n, count, n, Q, k, out + i0 * k);
+      if (grow == 2) acc->add(M + i0 * n, count, P + i0 * k);
+    }
+    if (grow == 2) acc->flush();
+  }
+  if (grow == 2) sum_partials(partial, threads, k * n, out);
+}
+
+// A rank-k factor of the m x n matrix M: m x k on the rows' side (`left`), k x n on the columns' side.
+void check_factor(const torch::Tensor& M, const torch::Tensor& factor, bool left) {
+  TORCH_CHECK(M.dim() == 2 && M.is_contiguous() && factor.dim() == 2 && factor.scalar_type() == M.scalar_type(),
+              "spectra kernels take contiguous 2-D matrices and factors of their dtype");
+  TORCH_CHECK(left ? factor.size(0) == M.size(0) : factor.size(1) == M.size(1), "factor of shape ", factor.sizes(),
+              " does not fit a ", M.sizes(), " matrix on its ", left ? "rows'" : "columns'", " side");
+}
+
+std::vector<torch::Tensor> spectra_momentum_(torch::Tensor M, torch::Tensor g, double weight, torch::Tensor basis,
+                                             bool left) {
+  basis = basis.contiguous();
+  const int64_t m = M.size(0), n = M.size(1), k = left ? basis.size(1) : basis.size(0);
+  check_factor(M, basis, left);
+  TORCH_CHECK(g.sizes() == M.sizes() && g.scalar_type() == M.scalar_type() && g.is_contiguous(), "g must match M");
+  auto proj = left ? torch::empty({k, n}, M.options()) : torch::empty({m, k}, M.options());
+  auto sum_sq = torch::empty({}, M.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_momentum", [&] {
+    sum_sq.fill_(spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m, n, weight,
+                                            basis.data_ptr<scalar_t>(), k, left, proj.data_ptr<scalar_t>()));
+  });
+  return {proj, sum_sq};
+}
+
+torch::Tensor spectra_project(torch::Tensor M, torch::Tensor basis, bool left) {
+  basis = basis.contiguous();
+  const int64_t m = M.size(0), n = M.size(1), k = left ? basis.size(1) : basis.size(0);
+  check_factor(M, basis, left);
+  auto proj = left ? torch::empty({k, n}, M.options()) : torch::empty({m, k}, M.options());
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_project", [&] {
+    spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), nullptr, m, n, 0.0, basis.data_ptr<scalar_t>(), k, left,
+                               proj.data_ptr<scalar_t>());
+  });
+  return proj;
+}
+
+torch::Tensor spectra_apply_(torch::Tensor W, torch::Tensor M, torch::Tensor P, torch::Tensor Q, double decay,
+                             double scale, int64_t grow) {
+  P = P.contiguous();
+  Q = Q.contiguous();
+  const int64_t m = W.size(0), n = W.size(1), k = P.size(1);
+  TORCH_CHECK(M.sizes() == W.sizes() && M.scalar_type() == W.scalar_type() && M.is_contiguous() && W.is_contiguous(),
+              "M must match W");
+  check_factor(W, P, true);
+  check_factor(W, Q, false);
+  TORCH_CHECK(Q.size(0) == k && grow >= 0 && grow <= 2, "P (m x k) and Q (k x n) must share k; grow is 0, 1 or 2");
+  auto out = grow == 1 ? torch::empty({m, k}, W.options()) : grow == 2 ? torch::empty({k, n}, W.options())
+                                                                         : torch::empty({0}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "spectra_apply", [&] {
+    spectra_apply<scalar_t>(W.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), m, n, P.data_ptr<scalar_t>(),
+                            Q.data_ptr<scalar_t>(), k, decay, scale, grow, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 std::vector<torch::Tensor> adafactor_stats(torch::Tensor p, torch::Tensor g) {
   const int64_t m = g.size(0), n = g.size(1);
   auto options = g.options().dtype(torch::kFloat64);
@@ -299,7 +577,7 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
-              "dot_norms_", "msam_apply_"]
+              "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_"]
 _failure: list[str] = []
 
 
@@ -313,7 +591,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v6_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v7_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
@@ -321,12 +599,12 @@ def kernels() -> ModuleType | None:
         return None
 
 
-def fused_or_fallback(impl: str, owner: str) -> str:
-    """``impl``, or "compiled" (after a warning) when it is "fused" and the kernels cannot be built here."""
+def fused_or_fallback(impl: str, owner: str, fallback: str = "compiled") -> str:
+    """``impl``, or ``fallback`` (after a warning) when it is "fused" and the kernels cannot be built here."""
     if impl == "fused" and kernels() is None:
         warnings.warn(f"{owner}(impl='fused'): the C++ kernels cannot be built here ({unavailable_reason()}); "
-                      "using impl='compiled'", stacklevel=3)
-        return "compiled"
+                      f"using impl={fallback!r}", stacklevel=3)
+        return fallback
     return impl
 
 

@@ -45,6 +45,7 @@ import math
 import torch
 from torch import Tensor
 
+from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
 from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
@@ -53,7 +54,7 @@ from lmopt.optim.spec import OptionError, register_class
 
 SHAPINGS = ("clip", "remove", "scale")
 REFRESH_TIMINGS = ("before", "after")
-IMPLS = ("foreach", "for-loop")
+IMPLS = ("foreach", "fused", "for-loop")
 
 
 def spike_rank(rows: int, cols: int, rank_fraction: float) -> int:
@@ -124,8 +125,11 @@ class Spectra(MatrixOptimizer):
         adamw_betas: (β1, β2) of the AdamW part (groups with ``matrix=False``), each in [0, 1).
         eps: the AdamW part's epsilon, added to the square root of its second moment (> 0).
         impl: "foreach" (the large products per matrix, the k-sized work batched per shape, no SVD after the
-            first step) or "for-loop" (the update as written, one whole matrix at a time). FSDP2-sharded
-            (DTensor) parameters always take "for-loop".
+            first step), "fused" (the same on CPU float32/float64 matrices in two C++ passes over the momentum, see
+            :meth:`_fused_step`; the kernels are built on first use, ~1-2 min once per machine, and where they
+            cannot be built "foreach" is used after a warning; other matrices take "foreach") or "for-loop" (the
+            update as written, one whole matrix at a time). FSDP2-sharded (DTensor) parameters always take
+            "for-loop".
     """
 
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -155,21 +159,30 @@ class Spectra(MatrixOptimizer):
                                       refresh_interval=refresh_interval,
                                       refresh_timing=refresh_timing, shaping=shaping, spike_scale=spike_scale,
                                       rms_target=rms_target, adamw_betas=adamw_betas, eps=eps))
-        self.impl = impl
+        self.impl = cpu_kernels.fused_or_fallback(impl, "Spectra", fallback="foreach")
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
-        momenta = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["step"] = 0
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            momenta.append(state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]))
-        if self.impl == "foreach" and not any(is_dtensor(p) for p in params):
-            self._batched_step(group, params, momenta)
-        else:
+        fused = [p for p in params if self._fusable(p)]
+        if fused:
+            self._fused_step(group, fused)
+            params = [p for p in params if not self._fusable(p)]
+        momenta = [self.state[p]["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]) for p in params]
+        if self.impl == "for-loop" or any(is_dtensor(p) for p in params):
             self._per_matrix_step(group, params, momenta)
+        elif params:
+            self._batched_step(group, params, momenta)
+
+    def _fusable(self, p: Tensor) -> bool:
+        """Whether ``p`` takes the fused kernels this step: impl "fused", a basis already (not the first step)."""
+        state = self.state[p]
+        return (self.impl == "fused" and "basis" in state and state["step"] > 1
+                and cpu_kernels.usable(p, p.grad, state["momentum_buffer"]))
 
     def _refresh_due(self, state: dict, group: dict) -> bool:
         return (state["step"] - 1) % group["refresh_interval"] == 0
@@ -229,29 +242,80 @@ class Spectra(MatrixOptimizer):
             self._apply_shaped(group, [params[i] for i in indices], M, bases, coords)
 
     def _refresh(self, group: dict, M: list[Tensor], states: list[dict], refresh: list[int],
-                 coords: list[Tensor]) -> list[Tensor]:
+                 coords: list[Tensor], products: tuple = (None, None)) -> list[Tensor]:
         """Block power iteration U <- qr(M (MᵀU)) of the matrices in ``refresh``, MᵀU = Cᵀ being at hand; stores
-        the bases, returns the coordinates in them (not recomputed after the last iteration with "after")."""
+        the bases, returns the coordinates in them (not recomputed after the last iteration with "after").
+        ``products``: functions computing M Cᵀ and UᵀM in place of :func:`grow_basis` and
+        :func:`spike_coordinates`."""
+        grow, spike_coordinates_of = products[0] or grow_basis, products[1] or spike_coordinates
         for it in range(group["power_iters"]):
-            grown = torch.stack([grow_basis(M[j], coords[j]) for j in refresh])
+            grown = torch.stack([grow(M[j], coords[j]) for j in refresh])
             last = it == group["power_iters"] - 1
             for j, basis in zip(refresh, torch.linalg.qr(grown).Q.unbind(0), strict=True):
                 states[j]["basis"] = basis.contiguous()
                 if not (last and group["refresh_timing"] == "after"):
-                    coords[j] = spike_coordinates(M[j], states[j]["basis"])
+                    coords[j] = spike_coordinates_of(M[j], states[j]["basis"])
         return coords
 
-    def _apply_shaped(self, group: dict, params: list[Tensor], M: list[Tensor], bases: list[Tensor],
-                      coords: list[Tensor]) -> None:
-        r, c = min(M[0].shape), max(M[0].shape)
-        M_energy = torch.stack([torch.linalg.vector_norm(m) for m in M]).square()
+    def _fused_step(self, group: dict, params: list[Tensor]) -> None:
+        """The "foreach" update in two C++ passes per matrix (``lmopt.optim.cpu_kernels``), each reading M once.
+
+        Pass 1 updates M from the gradient and, from the same reads, returns ||M||² and the spike's coordinates
+        C = UᵀM. The k-sized work (the refresh's thin QR, the spike operator) stays in torch, batched per shape.
+        Pass 2 writes W <- decay W + s M + (s U K) C with the rank-k term formed row by row, and with
+        ``refresh_timing="after"`` (one power iteration) also returns the next basis's product M Cᵀ from its reads
+        of M. Memory traffic per step: 6 accesses of a matrix-sized array (AdamW's fused step: 7), 8 when a
+        "before" refresh needs this step's M twice more (M Cᵀ, then C in the new basis)."""
+        kernels = cpu_kernels.kernels()
+        weight = 1 - group["momentum"]
+        grow_in_pass_2 = group["refresh_timing"] == "after" and group["power_iters"] == 1
+        for indices in by_shape_indices(params):
+            matrices = [params[i] for i in indices]
+            states = [self.state[p] for p in matrices]
+            M = [state["momentum_buffer"] for state in states]
+            coords, M_energy = [], []
+            for p, state in zip(matrices, states, strict=True):
+                wide = _is_wide(p)
+                basis = state["basis"] if wide else state["basis"].mT
+                proj, energy = kernels.spectra_momentum_(state["momentum_buffer"], p.grad, weight, basis, wide)
+                coords.append(proj if wide else proj.mT)
+                M_energy.append(energy)
+            bases = [state["basis"] for state in states]
+            refresh = [j for j, state in enumerate(states) if self._refresh_due(state, group)]
+            if refresh and not grow_in_pass_2:
+                fresh = self._refresh(group, M, states, refresh, list(coords), fused_products(kernels))
+                if group["refresh_timing"] == "before":
+                    bases, coords = [state["basis"] for state in states], fresh
+            left, step_scale, decay = self._shaping_terms(group, M[0].shape, torch.stack(M_energy).to(M[0].dtype),
+                                                          bases, coords)
+            grown = {}
+            for j, p in enumerate(matrices):
+                wide = _is_wide(p)
+                grow = 0 if not (grow_in_pass_2 and j in refresh) else 1 if wide else 2
+                factors = (left[j], coords[j]) if wide else (coords[j].mT, left[j].mT)
+                grown[j] = kernels.spectra_apply_(p, M[j], *factors, decay, float(step_scale[j]), grow)
+            if grow_in_pass_2 and refresh:
+                products = torch.stack([grown[j] if _is_wide(matrices[j]) else grown[j].mT for j in refresh])
+                for j, basis in zip(refresh, torch.linalg.qr(products).Q.unbind(0), strict=True):
+                    states[j]["basis"] = basis.contiguous()
+
+    def _shaping_terms(self, group: dict, shape: torch.Size, M_energy: Tensor, bases: list[Tensor],
+                       coords: list[Tensor]) -> tuple[Tensor, Tensor, float]:
+        """From ||M||² and C per matrix of one shape: the left factor s U K (b, r, k) of the low-rank term, the
+        step scale s = -lr · rms_target / RMS(O) (b,) and the decay 1 - lr λ."""
+        r, c = min(shape), max(shape)
         operator, s, target = spike_operator(torch.stack(coords), M_energy, r, group["shaping"],
                                              group["spike_scale"])
         s_energy = s.square().sum(-1)
         rms = ((M_energy - s_energy + target.square().sum(-1)).clamp(min=0) / (r * c)).sqrt()
         step_scale = -group["lr"] * group["rms_target"] / rms.clamp(min=1e-30)  # (b,)
         left = torch.stack(bases) @ (operator * step_scale.view(-1, 1, 1))  # (b, r, k): step_scale U K
-        decay = 1 - group["lr"] * group["weight_decay"]
+        return left, step_scale, 1 - group["lr"] * group["weight_decay"]
+
+    def _apply_shaped(self, group: dict, params: list[Tensor], M: list[Tensor], bases: list[Tensor],
+                      coords: list[Tensor]) -> None:
+        M_energy = torch.stack([torch.linalg.vector_norm(m) for m in M]).square()
+        left, step_scale, decay = self._shaping_terms(group, M[0].shape, M_energy, bases, coords)
         for j, p in enumerate(params):
             if p.dtype != M[j].dtype:  # low precision: the fp32 update, rounded once when added
                 update = left[j] @ coords[j] if _is_wide(p) else coords[j].mT @ left[j].mT
@@ -281,6 +345,18 @@ def spike_coordinates(M: Tensor, U: Tensor) -> Tensor:
 def grow_basis(M: Tensor, C: Tensor) -> Tensor:
     """M Cᵀ (= M Mᵀ U) in the wide orientation (r, k), computed as ``(C M)ᵀ`` when M is stored tall."""
     return M @ C.mT if _is_wide(M) else (C @ M).mT
+
+
+def fused_products(kernels) -> tuple:
+    """:func:`grow_basis` and :func:`spike_coordinates` by the C++ kernels (one read of M each, in row order)."""
+
+    def grow(M: Tensor, C: Tensor) -> Tensor:
+        return kernels.spectra_project(M, C, False) if _is_wide(M) else kernels.spectra_project(M, C.mT, True).mT
+
+    def coordinates(M: Tensor, U: Tensor) -> Tensor:
+        return kernels.spectra_project(M, U, True) if _is_wide(M) else kernels.spectra_project(M, U.mT, False).mT
+
+    return grow, coordinates
 
 
 def spike_operator(C: Tensor, M_energy: Tensor, r: int, shaping: str, spike_scale: float
