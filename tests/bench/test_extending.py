@@ -28,7 +28,7 @@ def test_the_extending_example_runs(tmp_path, monkeypatch):
 
         suite = Suite(name="test-extending", description="docs/extending.md", preset="nano", data="brown",
                       seq_len=32, batch_tokens=512, steps=6, optimizers=("adamw",), tuning_budget=1, seeds=(0, 1),
-                      budget_fractions=(0.5,), eval_points=3, eval_tokens=2048)
+                      budget_fractions=(), eval_points=3, eval_tokens=2048)
         SUITES.names()  # populate before adding a test suite
         monkeypatch.setitem(SUITES._entries, suite.name, Entry(suite.name, suite, ""))
         BenchRunner(suite, jobs=2, results_root=tmp_path / "results", extra=["signsgd:SignSGD"],

@@ -14,6 +14,8 @@ RESULTS = {
     "lamb": row(0.4, 5.0), "lamb (compiled)": row(0.1, 1.3),
     "spectra": row(0.2, 2.5, state_bytes=600, state_ratio=0.75),
     "spectra (refresh every 10)": row(0.1, 1.2, state_bytes=600, state_ratio=0.75),
+    "spectra (fused)": row(0.16, 2.0, state_bytes=600, state_ratio=0.75),
+    "spectra (fused, refresh every 10)": row(0.08, 1.0, state_bytes=600, state_ratio=0.75),
     "spectra (for-loop)": row(0.05, 0.5, state_bytes=600, state_ratio=0.75),
     "torch.optim.Muon (matrices only)": row(2.0, 25.0, state_bytes=200),
     "muon": row(3.0, 30.0, state_bytes=200),
@@ -28,7 +30,7 @@ def test_the_fastest_implementation_of_each_optimizer_is_chosen_and_variants_are
     fastest = fastest_rows(RESULTS)
     assert fastest["lamb"] == "lamb (compiled)"
     assert fastest["adamw"] == "adamw (fused)"
-    assert fastest["spectra"] == "spectra"  # the refresh-interval and per-matrix rows are other settings
+    assert fastest["spectra"] == "spectra (fused)"  # the refresh-interval and per-matrix rows are other settings
     assert fastest["muon"] == "muon" and fastest["ortho-adam"] == "ortho-adam"  # gram, kronecker: other settings
 
 
@@ -38,7 +40,9 @@ def test_targets_are_computed_from_the_file():
     text = summary({"results": RESULTS, "trainer_overhead": {"ratio": 0.9}})
     assert "| lamb (compiled) | 100 ms | 1.30x | 1.00x |" in text
     assert "| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | 2.00x | yes |" in text
-    assert "10.0x (every-step refresh), 20.0x (refresh every 10) | yes |" in text
+    assert "12.5x (its defaults), 25.0x (refreshing every 10 steps) | yes |" in text  # the fastest of each setting
+    assert ("| Spectra ≤ 1.5x fused AdamW (defaults: refresh every step, the basis refined before shaping) | 2.00x "
+            "(`spectra (fused)`); 1.00x refreshing every 10 steps | no |") in text
     assert "| `lmopt train` ≥ 0.95x a bare loop's throughput | 0.90x | no |" in text
     assert "lamb 1.30x | all |" in text
     assert "| OrthoAdam's step ≤ Muon's | 2.00x Muon's (Haar rotation, the default); 0.50x with" in text
@@ -56,6 +60,6 @@ def test_the_readme_quotes_the_committed_step_results():
 def test_a_muon_pair_timed_on_some_layers_is_scaled_to_the_whole_model():
     # timed on 1 of 4 layers: torch's Muon 2.0 s -> 8.0 s for the model, the matrix entries 50 -> 200
     text = summary({"results": RESULTS, "layers": 4, "muon_pair_layers": 1})
-    assert "40.0x (every-step refresh), 80.0x (refresh every 10) (timed on 1 of 4 layers' matrices" in text
+    assert "50.0x (its defaults), 100.0x (refreshing every 10 steps) (timed on 1 of 4 layers' matrices" in text
     assert "| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | 2.00x (timed on 1 of 4" in text
     assert spectra_matrix_state_ratio(RESULTS, scale=4) == (600 - (800 - 8 * 200)) / (8 * 200)

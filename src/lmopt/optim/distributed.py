@@ -16,20 +16,19 @@ On plain tensors every function is the identity / a direct call, so single-proce
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-except ImportError:  # pragma: no cover - torch without DTensor
-    DTensor = ()  # type: ignore[assignment,misc]
-
 
 def is_dtensor(t: Tensor) -> bool:
-    return bool(DTensor) and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor. Without importing ``torch.distributed.tensor`` (1.5 s of every process's start):
+    no tensor can be one before something else has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def full(t: Tensor) -> Tensor:
@@ -41,6 +40,8 @@ def like_shard(whole: Tensor, like: Tensor) -> Tensor:
     """``whole`` laid out like ``like``: its local shard (no communication) when ``like`` is a DTensor."""
     if not is_dtensor(like):
         return whole
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
@@ -48,6 +49,8 @@ def replicated(t: Tensor) -> Tensor:
     """A DTensor with partial (pending-reduction) placements reduced to a replicated one; others unchanged."""
     if not is_dtensor(t) or not any(p.is_partial() for p in t.placements):
         return t
+    from torch.distributed.tensor import Replicate
+
     return t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim)
 
 
@@ -55,6 +58,8 @@ def replicate_like(t: Tensor, like: Tensor) -> Tensor:
     """A plain tensor (identical on every rank) as a replicated DTensor on ``like``'s mesh."""
     if not is_dtensor(like) or is_dtensor(t):
         return t
+    from torch.distributed.tensor import DTensor, Replicate
+
     return DTensor.from_local(t, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
 
 

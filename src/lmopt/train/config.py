@@ -4,6 +4,7 @@ before anything is built. Unknown keys and names fail with a message that lists 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -132,16 +133,7 @@ class TrainConfig:
 
     @classmethod
     def help(cls, key: str) -> str:
-        import ast
-        import inspect
-
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body
-        for node, nxt in itertools.pairwise(body):
-            if (isinstance(node, ast.AnnAssign) and node.target.id == key and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)):
-                return nxt.value.value
-        return ""
+        return _field_docs(cls).get(key, "")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -297,6 +289,17 @@ class TrainConfig:
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"invalid {key} {value!r}; choose one of {', '.join(choices)}")
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it) from the class's source, parsed once per process."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: nxt.value.value for node, nxt in itertools.pairwise(body)
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
