@@ -117,10 +117,11 @@ def test_spectra_fused_passes_match_its_foreach_update(options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_spectra_kernels_match_torch_products(dtype):
+@pytest.mark.parametrize("k", [6, 11])  # 11: the momentum pass's 8 products in the update's loop, then 3 more
+def test_spectra_kernels_match_torch_products(dtype, k):
     kernels = cpu_kernels.kernels()
     gen = torch.Generator().manual_seed(3)
-    m, n, k = 301, 77, 6  # 301 rows: more than one summation block per thread, and a partial 4-row group
+    m, n = 301, 77  # 301 rows: more than one summation block per thread, and a partial 4-row group
     M = torch.randn(m, n, generator=gen, dtype=dtype)
     g = torch.randn(m, n, generator=gen, dtype=dtype)
     U, V = torch.randn(m, k, generator=gen, dtype=dtype), torch.randn(n, k, generator=gen, dtype=dtype)
@@ -131,6 +132,11 @@ def test_spectra_kernels_match_torch_products(dtype):
     torch.testing.assert_close(left, U.mT @ expected, **tol)
     assert energy.item() == pytest.approx(expected.double().square().sum().item(), rel=1e-5)
     torch.testing.assert_close(kernels.spectra_project(M, V.mT, False), M @ V, **tol)
+    M2 = M.clone()
+    right, energy = kernels.spectra_momentum_(M2, g, 0.05, V.mT, False)
+    torch.testing.assert_close(M2, M.lerp(g, 0.05), **tol)
+    torch.testing.assert_close(right, M2 @ V, **tol)
+    assert energy.item() == pytest.approx(M2.double().square().sum().item(), rel=1e-5)
     torch.testing.assert_close(kernels.spectra_project(M, U, True), U.mT @ M, **tol)
     W = torch.randn(m, n, generator=gen, dtype=dtype)
     P, Q = torch.randn(m, k, generator=gen, dtype=dtype), torch.randn(k, n, generator=gen, dtype=dtype)

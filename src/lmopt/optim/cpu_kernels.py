@@ -388,6 +388,37 @@ inline void project_rows(const T* rows, int64_t count, int64_t n, const T* vt, i
   if (r < count) project_row(rows + r * n, n, vt, k, out + r * k);
 }
 
+// M's row <- M + w (g - M), returning its sum of squares, with the row's first 8 dot products with vt's rows
+// (out[0..7]) taken in the same loop: the products hide under the row's memory traffic instead of following it
+template <typename T>
+inline T lerp_row_project8(T* mi, const T* gi, int64_t n, T w, const T* vt, T* out) {
+  const T *v0 = vt, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n, *v4 = v3 + n, *v5 = v4 + n, *v6 = v5 + n, *v7 = v6 + n;
+  T sq = 0, s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : sq, s0, s1, s2, s3, s4, s5, s6, s7)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = mi[j] + w * (gi[j] - mi[j]);
+    mi[j] = x;
+    sq += x * x;
+    s0 += x * v0[j];
+    s1 += x * v1[j];
+    s2 += x * v2[j];
+    s3 += x * v3[j];
+    s4 += x * v4[j];
+    s5 += x * v5[j];
+    s6 += x * v6[j];
+    s7 += x * v7[j];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+  out[4] = s4;
+  out[5] = s5;
+  out[6] = s6;
+  out[7] = s7;
+  return sq;
+}
+
 // Per-thread k x n partials of a left product, summed over rows in blocks of T then in float64.
 template <typename T>
 struct LeftPartials {
@@ -438,7 +469,10 @@ double spectra_momentum(T* M, const T* g, int64_t m, int64_t n, double weight, c
       const int64_t count = std::min<int64_t>(4, m - i0);
       for (int64_t i = i0; i < i0 + count; ++i) {
         T* mi = M + i * n;
-        if (g != nullptr) {
+        if (g != nullptr && !left && k >= 8) {
+          total += lerp_row_project8(mi, g + i * n, n, w, basis, proj + i * k);
+          project_tail(mi, n, basis, 8, k, proj + i * k);
+        } else if (g != nullptr) {
           const T* gi = g + i * n;
           T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -451,7 +485,7 @@ double spectra_momentum(T* M, const T* g, int64_t m, int64_t n, double weight, c
         }
       }
       if (left) acc->add(M + i0 * n, count, basis + i0 * k);
-      else project_rows(M + i0 * n, count, n, basis, k, proj + i0 * k);
+      else if (g == nullptr || k < 8) project_rows(M + i0 * n, count, n, basis, k, proj + i0 * k);
     }
     if (left) acc->flush();
   }
@@ -591,7 +625,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v7_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v8_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
