@@ -193,7 +193,7 @@ def planted(m, n, strengths, noise, seed):
     return (U * np.asarray(strengths)) @ V.T + noise * gen.standard_normal((m, n)) / math.sqrt(max(m, n))
 
 
-@pytest.mark.parametrize("impl", ["foreach", "for-loop"])
+@pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
 @pytest.mark.parametrize("shape", [(64, 48), (48, 64)], ids=["tall", "wide"])
 def test_spectra_clips_a_planted_spike_to_the_tail_scale(shape, impl):
     m, n = shape
@@ -226,7 +226,7 @@ def test_spectra_clips_a_planted_spike_to_the_tail_scale(shape, impl):
         assert tail_scale(wide, U.mT @ wide, k).item() == pytest.approx(tau, rel=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "for-loop"])
+@pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
 def test_spectra_with_its_default_single_power_iteration_stays_close_to_the_exact_shaping(impl):
     shape, k = (64, 48), 3
     spike = planted(*shape, [30.0, 24.0, 18.0], 1.0, seed=3)
@@ -254,7 +254,7 @@ def shape_in_basis(M, U):
     return M + (U @ A) @ ((np.minimum(s, tau) - s)[:, None] * Bt)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "for-loop"])
+@pytest.mark.parametrize("impl", ["foreach", "fused", "for-loop"])
 @pytest.mark.parametrize("shape", [(64, 48), (48, 64)], ids=["tall", "wide"])
 def test_spectra_refreshing_after_the_step_shapes_with_the_cached_basis(shape, impl):
     """refresh_timing="after": step t shapes M_t in the basis refined at the previous refresh, then refines it
