@@ -168,10 +168,10 @@ class Spectra(MatrixOptimizer):
                 state["step"] = 0
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-        fused = [p for p in params if self._fusable(p)]
-        if fused:
-            self._fused_step(group, fused)
-            params = [p for p in params if not self._fusable(p)]
+        fusable = [self._fusable(p) for p in params]
+        if any(fusable):
+            self._fused_step(group, [p for p, fused in zip(params, fusable, strict=True) if fused])
+            params = [p for p, fused in zip(params, fusable, strict=True) if not fused]
         momenta = [self.state[p]["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"]) for p in params]
         if self.impl == "for-loop" or any(is_dtensor(p) for p in params):
             self._per_matrix_step(group, params, momenta)
