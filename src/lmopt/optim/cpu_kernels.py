@@ -31,10 +31,42 @@ _SOURCE = r"""
 #include <memory>
 #include <vector>
 
-// Adafactor, pass 1: sum_j g_ij^2 per row, sum_i g_ij^2 per column, sum_ij p_ij^2 (one read of g and p). Sums
-// run in the tensor's precision over at most one row or kBlock rows (they vectorize), then in float64.
+// Column sums over many rows run in the tensor's precision over at most kBlock rows (they vectorize), then in
+// float64: per thread, in its own slice of a threads x size float64 array, summed over threads at the end.
 constexpr int64_t kBlock = 256;
 
+template <typename T>
+struct BlockedPartials {
+  std::vector<T> block;
+  double* total;
+  int64_t rows = 0;
+  BlockedPartials(int64_t size, double* total_) : block(size, T(0)), total(total_) {}
+  T* data() { return block.data(); }
+  void rows_added(int64_t count) {
+    rows += count;
+    if (rows >= kBlock) flush();
+  }
+  void flush() {
+    for (size_t j = 0; j < block.size(); ++j) { total[j] += block[j]; block[j] = 0; }
+    rows = 0;
+  }
+};
+
+// this thread's `size` entries of per-thread partials
+inline double* own_slice(std::vector<double>& partial, int64_t size) {
+  return partial.data() + static_cast<size_t>(omp_get_thread_num()) * size;
+}
+
+template <typename T>
+void sum_partials(const std::vector<double>& partial, int threads, int64_t size, T* out) {
+  for (int64_t j = 0; j < size; ++j) {
+    double s = 0.0;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * size + j];
+    out[j] = static_cast<T>(s);
+  }
+}
+
+// Adafactor, pass 1: sum_j g_ij^2 per row, sum_i g_ij^2 per column, sum_ij p_ij^2 (one read of g and p).
 template <typename T>
 void factored_stats(const T* p, const T* g, int64_t m, int64_t n, double* row, double* col, double* p_sq) {
   const int threads = at::get_num_threads();  // torch's setting (torch.set_num_threads), not OpenMP's default
@@ -42,10 +74,8 @@ void factored_stats(const T* p, const T* g, int64_t m, int64_t n, double* row, d
   double total = 0.0;
 #pragma omp parallel num_threads(threads) reduction(+ : total)
   {
-    double* c = partial.data() + static_cast<size_t>(omp_get_thread_num()) * n;
-    std::vector<T> block(n, T(0));
-    T* b = block.data();
-    int64_t rows_in_block = 0;
+    BlockedPartials<T> columns(n, own_slice(partial, n));
+    T* b = columns.data();
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < m; ++i) {
       const T* gi = g + i * n;
@@ -60,18 +90,11 @@ void factored_stats(const T* p, const T* g, int64_t m, int64_t n, double* row, d
       }
       row[i] = r;
       total += s;
-      if (++rows_in_block == kBlock) {
-        for (int64_t j = 0; j < n; ++j) { c[j] += b[j]; b[j] = 0; }
-        rows_in_block = 0;
-      }
+      columns.rows_added(1);
     }
-    for (int64_t j = 0; j < n; ++j) c[j] += b[j];
+    columns.flush();
   }
-  for (int64_t j = 0; j < n; ++j) {
-    double c = 0.0;
-    for (int t = 0; t < threads; ++t) c += partial[static_cast<size_t>(t) * n + j];
-    col[j] = c;
-  }
+  sum_partials(partial, threads, n, col);
   *p_sq = total;
 }
 
@@ -419,36 +442,16 @@ inline T lerp_row_project8(T* mi, const T* gi, int64_t n, T w, const T* vt, T* o
   return sq;
 }
 
-// Per-thread k x n partials of a left product, summed over rows in blocks of T then in float64.
+// Per-thread k x n partials of a left product (see BlockedPartials)
 template <typename T>
-struct LeftPartials {
-  int64_t k, n, groups = 0;
-  std::vector<T> block;
-  double* total;
-  LeftPartials(int64_t k_, int64_t n_, double* total_) : k(k_), n(n_), block(k_ * n_, T(0)), total(total_) {}
+struct LeftPartials : BlockedPartials<T> {
+  int64_t k, n;
+  LeftPartials(int64_t k_, int64_t n_, double* total_) : BlockedPartials<T>(k_ * n_, total_), k(k_), n(n_) {}
   void add(const T* rows, int64_t count, const T* coef) {
-    accumulate_rows(block.data(), rows, count, n, coef, k);
-    if (++groups == kBlock / 4) flush();
-  }
-  void flush() {
-    for (int64_t j = 0; j < k * n; ++j) { total[j] += block[j]; block[j] = 0; }
-    groups = 0;
+    accumulate_rows(this->data(), rows, count, n, coef, k);
+    this->rows_added(count);
   }
 };
-
-// this thread's `size` entries of per-thread partials
-inline double* own_slice(std::vector<double>& partial, int64_t size) {
-  return partial.data() + static_cast<size_t>(omp_get_thread_num()) * size;
-}
-
-template <typename T>
-void sum_partials(const std::vector<double>& partial, int threads, int64_t size, T* out) {
-  for (int64_t j = 0; j < size; ++j) {
-    double s = 0.0;
-    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * size + j];
-    out[j] = static_cast<T>(s);
-  }
-}
 
 // Pass 1: M <- M + w (g - M) in place (one read of g and M, one write of M); sum M^2; and the spike's coordinates
 // from the same reads: U^T M (k x n, `left`, basis = U, m x k) or M V (m x k, basis = V^T, k x n). With g null:
@@ -531,31 +534,31 @@ void check_factor(const torch::Tensor& M, const torch::Tensor& factor, bool left
               " does not fit a ", M.sizes(), " matrix on its ", left ? "rows'" : "columns'", " side");
 }
 
-std::vector<torch::Tensor> spectra_momentum_(torch::Tensor M, torch::Tensor g, double weight, torch::Tensor basis,
-                                             bool left) {
+// One pass over M, updating it from g where g is defined: [coordinates, sum M^2] (see spectra_momentum)
+std::vector<torch::Tensor> spectra_pass(torch::Tensor M, const torch::Tensor& g, double weight, torch::Tensor basis,
+                                        bool left) {
   basis = basis.contiguous();
   const int64_t m = M.size(0), n = M.size(1), k = left ? basis.size(1) : basis.size(0);
   check_factor(M, basis, left);
-  TORCH_CHECK(g.sizes() == M.sizes() && g.scalar_type() == M.scalar_type() && g.is_contiguous(), "g must match M");
+  TORCH_CHECK(!g.defined() || (g.sizes() == M.sizes() && g.scalar_type() == M.scalar_type() && g.is_contiguous()),
+              "g must match M");
   auto proj = left ? torch::empty({k, n}, M.options()) : torch::empty({m, k}, M.options());
   auto sum_sq = torch::empty({}, M.options().dtype(torch::kFloat64));
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_momentum", [&] {
-    sum_sq.fill_(spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m, n, weight,
-                                            basis.data_ptr<scalar_t>(), k, left, proj.data_ptr<scalar_t>()));
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_pass", [&] {
+    sum_sq.fill_(spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), g.defined() ? g.data_ptr<scalar_t>() : nullptr,
+                                            m, n, weight, basis.data_ptr<scalar_t>(), k, left,
+                                            proj.data_ptr<scalar_t>()));
   });
   return {proj, sum_sq};
 }
 
+std::vector<torch::Tensor> spectra_momentum_(torch::Tensor M, torch::Tensor g, double weight, torch::Tensor basis,
+                                             bool left) {
+  return spectra_pass(M, g, weight, basis, left);
+}
+
 torch::Tensor spectra_project(torch::Tensor M, torch::Tensor basis, bool left) {
-  basis = basis.contiguous();
-  const int64_t m = M.size(0), n = M.size(1), k = left ? basis.size(1) : basis.size(0);
-  check_factor(M, basis, left);
-  auto proj = left ? torch::empty({k, n}, M.options()) : torch::empty({m, k}, M.options());
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_project", [&] {
-    spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), nullptr, m, n, 0.0, basis.data_ptr<scalar_t>(), k, left,
-                               proj.data_ptr<scalar_t>());
-  });
-  return proj;
+  return spectra_pass(M, torch::Tensor(), 0.0, basis, left)[0];
 }
 
 torch::Tensor spectra_apply_(torch::Tensor W, torch::Tensor M, torch::Tensor P, torch::Tensor Q, double decay,
@@ -625,7 +628,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v8_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v9_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
