@@ -64,6 +64,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["spectra (fused, refresh after the step)"] = ("spectra", {"impl": "fused", "refresh_timing": "after"})
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
+    out["stable-adamw (fused)"] = ("stable-adamw", {"impl": "fused"})
     out["msam (fused)"] = ("msam", {"impl": "fused"})
     out["ortho-adam (kronecker)"] = ("ortho-adam", {"rotation": "kronecker"})
     if compiled:

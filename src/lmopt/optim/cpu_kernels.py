@@ -171,7 +171,8 @@ void factored_update(T* p, const T* g, int64_t m, int64_t n, const double* row_f
 template <typename T>
 void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1,
                   double bias2, double eps, double wd, double* out) {
-  const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
+  const T b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
+  const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);  // exact weights: 1 - 0.999f is not 0.001
   const T ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps), w = static_cast<T>(wd);
   double r_sq = 0.0, p_sq = 0.0;
   const int64_t chunk = 4096;
@@ -182,8 +183,8 @@ void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, d
 #pragma omp simd reduction(+ : rs, ps)
     for (int64_t j = start; j < end; ++j) {
       const T x = g[j];
-      const T mj = m[j] + (1 - b1) * (x - m[j]);
-      const T vj = v[j] * b2 + (1 - b2) * x * x;
+      const T mj = m[j] + a1 * (x - m[j]);
+      const T vj = v[j] * b2 + a2 * x * x;
       m[j] = mj;
       v[j] = vj;
       const T r = (mj * ib1) / (std::sqrt(vj * ib2) + e) + w * p[j];
@@ -195,6 +196,31 @@ void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, d
   }
   out[0] = r_sq;
   out[1] = p_sq;
+}
+
+// StableAdamW, pass 1: Adam's moments in place, and sum g^2 / max(v_hat, eps^2) with the new v (one read of g, m, v;
+// one write of m, v). Its pass 2 is lamb_apply with decay 1 - lr wd and step lr / max(1, RMS).
+template <typename T>
+double clipped_moments(const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias2, double eps) {
+  const T b2 = static_cast<T>(beta2), ib2 = static_cast<T>(1.0 / bias2), floor = static_cast<T>(eps * eps);
+  const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);
+  double total = 0.0;
+  const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static) reduction(+ : total)
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t end = std::min(n, start + chunk);
+    T ratios = 0;
+#pragma omp simd reduction(+ : ratios)
+    for (int64_t j = start; j < end; ++j) {
+      const T x = g[j];
+      const T vj = v[j] * b2 + a2 * x * x;
+      m[j] = m[j] + a1 * (x - m[j]);
+      v[j] = vj;
+      ratios += x * x / std::max(vj * ib2, floor);
+    }
+    total += ratios;
+  }
+  return total;
 }
 
 // LAMB, pass 2: w <- w (1 - step wd) - step m_hat / (sqrt(v_hat) + eps) (one read of m, v, w; one write of w).
@@ -214,6 +240,16 @@ torch::Tensor lamb_moments_(torch::Tensor p, torch::Tensor g, torch::Tensor m, t
     lamb_moments<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
                            v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd,
                            out.data_ptr<double>());
+  });
+  return out;
+}
+
+double stable_moments_(torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2, double bias2,
+                       double eps) {
+  double out = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "clipped_moments", [&] {
+    out = clipped_moments<scalar_t>(g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                    g.numel(), beta1, beta2, bias2, eps);
   });
   return out;
 }
@@ -255,15 +291,16 @@ void dot_norms(const T* a, const T* b, int64_t n, double* out) {
 template <typename T>
 void msam_apply(T* p, const T* g, T* fast, T* slow, T* v, int64_t n, double beta_fast, double beta_slow,
                 double beta_v, double c_fast, double c_slow, double c_v, double eps, double decay, double lr) {
-  const T bf = static_cast<T>(beta_fast), bs = static_cast<T>(beta_slow), bv = static_cast<T>(beta_v);
+  const T bv = static_cast<T>(beta_v), af = static_cast<T>(1.0 - beta_fast), as = static_cast<T>(1.0 - beta_slow);
+  const T av = static_cast<T>(1.0 - beta_v);
   const T cf = static_cast<T>(c_fast), cs = static_cast<T>(c_slow), cv = static_cast<T>(c_v);
   const T e = static_cast<T>(eps), d = static_cast<T>(decay), l = static_cast<T>(lr);
 #pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
   for (int64_t j = 0; j < n; ++j) {
     const T x = g[j];
-    const T f = fast[j] + (1 - bf) * (x - fast[j]);
-    const T s = slow[j] + (1 - bs) * (x - slow[j]);
-    const T vj = v[j] * bv + (1 - bv) * x * x;
+    const T f = fast[j] + af * (x - fast[j]);
+    const T s = slow[j] + as * (x - slow[j]);
+    const T vj = v[j] * bv + av * x * x;
     fast[j] = f;
     slow[j] = s;
     v[j] = vj;
@@ -614,7 +651,7 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
-              "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_"]
+              "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_"]
 _failure: list[str] = []
 
 
@@ -628,7 +665,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v9_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v11_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back

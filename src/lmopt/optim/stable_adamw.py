@@ -15,8 +15,11 @@ Defaults: betas (0.9, 0.95) like lmopt's AdamW, eps 1e-8 (the paper uses 1e-6 wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_
@@ -43,15 +46,32 @@ class StableAdamW(AdamFamily):
         eps: added to the square root of the bias-corrected second moment; ε² is also the floor of v̂ in the RMS
             (> 0).
         weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
-        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
-            compilation is unavailable it warns once and runs "for-loop").
+        impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
+            CPU tensor: the moments with the clip's sum, then the step; other tensors run "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
+        impl = cpu_kernels.fused_or_fallback(impl, "StableAdamW")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), impl)
+
+    impls = (*ELEMENTWISE_IMPLS, "fused")
+
+    def fused_update(self, p, grad, tensors, scalars, c) -> bool:
+        """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): the moments with sum g²/max(v̂, ε²), then LAMB's step
+        pass with decay 1 - lr λ and step lr / max(1, RMS)."""
+        exp_avg, exp_avg_sq = tensors
+        kernels = cpu_kernels.kernels()
+        if kernels is None or not cpu_kernels.usable(p, grad, exp_avg, exp_avg_sq, matrix=False):
+            return False
+        lr, bias1, bias2 = scalars
+        ratios = kernels.stable_moments_(grad, exp_avg, exp_avg_sq, *c["betas"], bias2, c["eps"])
+        clip = max(1.0, math.sqrt(ratios / grad.numel()))
+        kernels.lamb_apply_(p, exp_avg, exp_avg_sq, bias1, bias2, c["eps"], 1 - lr * c["weight_decay"], lr / clip)
+        return True
 
 
     @staticmethod
@@ -71,5 +91,5 @@ register_class(
     summary="StableAdamW: AdamW whose per-tensor step shrinks when RMS(g²/v̂) exceeds 1",
     source="Wortsman et al. 2023, arXiv:2304.13013",
     state_bytes_per_param=8.0,
-    impls=ELEMENTWISE_IMPLS,
+    impls=StableAdamW.impls,
 )
