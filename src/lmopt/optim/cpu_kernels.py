@@ -216,7 +216,8 @@ double clipped_moments(const T* g, T* m, T* v, int64_t n, double beta1, double b
       const T vj = v[j] * b2 + a2 * x * x;
       m[j] = m[j] + a1 * (x - m[j]);
       v[j] = vj;
-      ratios += x * x / std::max(vj * ib2, floor);
+      const T v_hat = vj * ib2;
+      ratios += x * x / (v_hat < floor ? floor : v_hat);  // std::max here kept GCC from vectorizing the loop
     }
     total += ratios;
   }
@@ -665,7 +666,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v11_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v12_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
