@@ -687,6 +687,12 @@ def unavailable_reason() -> str:
     return _failure[-1] if _failure else ""
 
 
+def kernels_for(*tensors: torch.Tensor, matrix: bool = True) -> ModuleType | None:
+    """The compiled kernels where they are built and take these tensors (see :func:`usable`), else None."""
+    built = kernels()
+    return built if built is not None and usable(*tensors, matrix=matrix) else None
+
+
 def usable(*tensors: torch.Tensor, matrix: bool = True) -> bool:
     """The kernels take contiguous float32/float64 CPU tensors of one dtype and shape (2-D where ``matrix``)."""
     first = tensors[0]

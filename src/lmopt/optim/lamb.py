@@ -69,8 +69,8 @@ class LAMB(AdamFamily):
     def fused_update(self, p, grad, tensors, scalars, c) -> bool:
         """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): the moments with ||r||² and ||w||², then the step."""
         exp_avg, exp_avg_sq = tensors
-        kernels = cpu_kernels.kernels()
-        if kernels is None or not cpu_kernels.usable(p, grad, exp_avg, exp_avg_sq, matrix=False):
+        kernels = cpu_kernels.kernels_for(p, grad, exp_avg, exp_avg_sq, matrix=False)
+        if kernels is None:
             return False
         lr, bias1, bias2 = scalars
         r_sq, w_sq = kernels.lamb_moments_(p, grad, exp_avg, exp_avg_sq, *c["betas"], bias1, bias2, c["eps"],

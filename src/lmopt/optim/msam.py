@@ -105,8 +105,8 @@ class MSAM(ElementwiseOptimizer):
         """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): g·m_slow, ‖g‖², ‖m_slow‖² for γ; then the moments and
         the step."""
         fast, slow, exp_avg_sq = tensors
-        kernels = cpu_kernels.kernels()
-        if kernels is None or not cpu_kernels.usable(p, grad, fast, slow, exp_avg_sq, matrix=False):
+        kernels = cpu_kernels.kernels_for(p, grad, fast, slow, exp_avg_sq, matrix=False)
+        if kernels is None:
             return False
         lr, bias_fast, bias_slow, bias_v = scalars
         gs, gg, ss = kernels.dot_norms_(grad, slow).tolist()

@@ -64,8 +64,8 @@ class StableAdamW(AdamFamily):
         """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): the moments with sum g²/max(v̂, ε²), then LAMB's step
         pass with decay 1 - lr λ and step lr / max(1, RMS)."""
         exp_avg, exp_avg_sq = tensors
-        kernels = cpu_kernels.kernels()
-        if kernels is None or not cpu_kernels.usable(p, grad, exp_avg, exp_avg_sq, matrix=False):
+        kernels = cpu_kernels.kernels_for(p, grad, exp_avg, exp_avg_sq, matrix=False)
+        if kernels is None:
             return False
         lr, bias1, bias2 = scalars
         ratios = kernels.stable_moments_(grad, exp_avg, exp_avg_sq, *c["betas"], bias2, c["eps"])
