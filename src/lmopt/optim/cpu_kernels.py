@@ -28,6 +28,7 @@ _SOURCE = r"""
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -572,31 +573,34 @@ void check_factor(const torch::Tensor& M, const torch::Tensor& factor, bool left
               " does not fit a ", M.sizes(), " matrix on its ", left ? "rows'" : "columns'", " side");
 }
 
-// One pass over M, updating it from g where g is defined: [coordinates, sum M^2] (see spectra_momentum)
-std::vector<torch::Tensor> spectra_pass(torch::Tensor M, const torch::Tensor& g, double weight, torch::Tensor basis,
-                                        bool left) {
+// One pass over M, updating it from g where g is defined: the coordinates, and sum M^2 in `sum_sq` (see
+// spectra_momentum)
+torch::Tensor spectra_product(torch::Tensor M, const torch::Tensor& g, double weight, torch::Tensor basis, bool left,
+                              double* sum_sq = nullptr) {
   basis = basis.contiguous();
   const int64_t m = M.size(0), n = M.size(1), k = left ? basis.size(1) : basis.size(0);
   check_factor(M, basis, left);
   TORCH_CHECK(!g.defined() || (g.sizes() == M.sizes() && g.scalar_type() == M.scalar_type() && g.is_contiguous()),
               "g must match M");
   auto proj = left ? torch::empty({k, n}, M.options()) : torch::empty({m, k}, M.options());
-  auto sum_sq = torch::empty({}, M.options().dtype(torch::kFloat64));
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_pass", [&] {
-    sum_sq.fill_(spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), g.defined() ? g.data_ptr<scalar_t>() : nullptr,
-                                            m, n, weight, basis.data_ptr<scalar_t>(), k, left,
-                                            proj.data_ptr<scalar_t>()));
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_product", [&] {
+    total = spectra_momentum<scalar_t>(M.data_ptr<scalar_t>(), g.defined() ? g.data_ptr<scalar_t>() : nullptr, m, n,
+                                       weight, basis.data_ptr<scalar_t>(), k, left, proj.data_ptr<scalar_t>());
   });
-  return {proj, sum_sq};
+  if (sum_sq != nullptr) *sum_sq = total;
+  return proj;
 }
 
 std::vector<torch::Tensor> spectra_momentum_(torch::Tensor M, torch::Tensor g, double weight, torch::Tensor basis,
                                              bool left) {
-  return spectra_pass(M, g, weight, basis, left);
+  double sum_sq = 0.0;
+  auto proj = spectra_product(M, g, weight, basis, left, &sum_sq);
+  return {proj, torch::full({}, sum_sq, M.options().dtype(torch::kFloat64))};
 }
 
 torch::Tensor spectra_project(torch::Tensor M, torch::Tensor basis, bool left) {
-  return spectra_pass(M, torch::Tensor(), 0.0, basis, left)[0];
+  return spectra_product(M, torch::Tensor(), 0.0, basis, left);
 }
 
 torch::Tensor spectra_apply_(torch::Tensor W, torch::Tensor M, torch::Tensor P, torch::Tensor Q, double decay,
@@ -616,6 +620,88 @@ torch::Tensor spectra_apply_(torch::Tensor W, torch::Tensor M, torch::Tensor P, 
                             Q.data_ptr<scalar_t>(), k, decay, scale, grow, out.data_ptr<scalar_t>());
   });
   return out;
+}
+
+// The spike operator of spectra.py's spike_operator for one matrix, from its coordinates C (k x c, wide
+// orientation) and sum M^2: K = A diag((shape(s) - s) / s) A^T (k x k, float64) from the eigenproblem of C C^T,
+// and the RMS of the shaped momentum, sqrt((sum M^2 - sum s^2 + sum shape(s)^2) / (r c)).
+std::pair<torch::Tensor, double> spike_operator(const torch::Tensor& C, double energy, int64_t r, int64_t c,
+                                                int64_t shaping, double spike_scale) {
+  const auto Cd = C.to(torch::kFloat64);
+  const auto eig = at::linalg_eigh(at::mm(Cd, Cd.t()));
+  const auto values = std::get<0>(eig).contiguous(), A = std::get<1>(eig).contiguous();
+  const int64_t k = values.size(0);
+  const double* ev = values.data_ptr<double>();
+  std::vector<double> s(k), factor(k);
+  double s_sq = 0.0, target_sq = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    s[i] = std::sqrt(std::max(ev[i], 0.0));
+    s_sq += s[i] * s[i];
+  }
+  const double tau = r > k ? std::sqrt(std::max(energy - s_sq, 0.0) / (r - k)) : INFINITY;
+  for (int64_t i = 0; i < k; ++i) {
+    const double target = shaping == 0 ? std::min(s[i], tau) : shaping == 1 ? 0.0 : spike_scale * s[i];
+    target_sq += target * target;
+    factor[i] = s[i] > 0 ? (target - s[i]) / std::max(s[i], std::numeric_limits<double>::min()) : 0.0;
+  }
+  auto K = torch::empty({k, k}, values.options());
+  const double* a = A.data_ptr<double>();
+  double* out = K.data_ptr<double>();
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      double sum = 0.0;
+      for (int64_t l = 0; l < k; ++l) sum += a[i * k + l] * factor[l] * a[j * k + l];
+      out[i * k + j] = sum;
+    }
+  return {K, std::sqrt(std::max(energy - s_sq + target_sq, 0.0) / (static_cast<double>(r) * c))};
+}
+
+// A whole Spectra step of one matrix W (m x n), in the order of spectra.py's docstring, with M's passes back to back
+// so that a matrix's M stays in cache between them: M <- M + w (g - M) with C = U^T M; with `refresh`,
+// `power_iters` block power iterations U <- qr(M (M^T U)).Q (shaping with the new U when `before`, else with the old
+// one); the spike operator K; W <- decay W - step (M + U K C) / RMS. `basis` U is r x k in the wide orientation
+// (r = min(m, n)); returns the basis for the next step. With `before` false and one power iteration, the next
+// basis's product M C^T comes from the update's own pass (one read of M fewer).
+torch::Tensor spectra_step_(torch::Tensor W, torch::Tensor g, torch::Tensor M, torch::Tensor basis, bool refresh,
+                            double weight, int64_t power_iters, bool before, int64_t shaping, double spike_scale,
+                            double step, double decay) {
+  TORCH_CHECK(M.sizes() == W.sizes() && M.scalar_type() == W.scalar_type() && M.is_contiguous() && W.is_contiguous(),
+              "M must match W");
+  TORCH_CHECK(power_iters >= 1 && shaping >= 0 && shaping <= 2, "power_iters >= 1; shaping 0 (clip), 1, 2");
+  const int64_t m = W.size(0), n = W.size(1), r = std::min(m, n), c = std::max(m, n);
+  const bool wide = m <= n;
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == r, "basis of shape ", basis.sizes(), " for a ", W.sizes(),
+              " matrix: expected (", r, ", k)");
+  // the factor on M's rows' side (wide: U, m x k) or columns' side (tall: U^T, k x n)
+  auto oriented = [&](const torch::Tensor& U) { return wide ? U : U.t().contiguous(); };
+  // proj: C (k x n) for a wide M, C^T = M U (m x k) for a tall one
+  double energy = 0.0;
+  auto proj = spectra_product(M, g, weight, oriented(basis), wide, &energy);
+  auto used = basis, next = basis;
+  const bool grow_in_apply = refresh && !before && power_iters == 1;
+  if (refresh && !grow_in_apply) {
+    auto coords = proj;
+    for (int64_t it = 0; it < power_iters; ++it) {
+      // M C^T (m x k) for a wide M; (C^T)^T M = (M^T M U)^T (k x n) for a tall one
+      auto grown = spectra_product(M, torch::Tensor(), 0.0, coords, !wide);
+      next = std::get<0>(at::linalg_qr(wide ? grown : grown.t())).contiguous();
+      if (before || it + 1 < power_iters) coords = spectra_product(M, torch::Tensor(), 0.0, oriented(next), wide);
+    }
+    if (before) {
+      used = next;
+      proj = coords;
+    }
+  }
+  const auto coordinates = wide ? proj : proj.t();  // C, k x c
+  if (M.scalar_type() == torch::kFloat32) energy = static_cast<float>(energy);  // as the foreach path's fp32 sum
+  const auto shaped = spike_operator(coordinates, energy, r, c, shaping, spike_scale);
+  const double scale = -step / std::max(shaped.second, 1e-30);
+  const auto left = at::mm(used, shaped.first.mul(scale).to(M.scalar_type()));  // (r x k): scale U K
+  const auto P = wide ? left : proj, Q = wide ? proj : left.t().contiguous();
+  const int64_t grow = grow_in_apply ? (wide ? 1 : 2) : 0;
+  auto grown = spectra_apply_(W, M, P, Q, decay, scale, grow);
+  if (grow_in_apply) next = std::get<0>(at::linalg_qr(wide ? grown : grown.t())).contiguous();
+  return next;
 }
 
 std::vector<torch::Tensor> adafactor_stats(torch::Tensor p, torch::Tensor g) {
@@ -652,7 +738,8 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
-              "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_"]
+              "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_",
+              "spectra_step_"]
 _failure: list[str] = []
 
 
@@ -666,7 +753,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v12_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v13_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
