@@ -622,20 +622,66 @@ torch::Tensor spectra_apply_(torch::Tensor W, torch::Tensor M, torch::Tensor P, 
   return out;
 }
 
-// The spike operator of spectra.py's spike_operator for one matrix, from its coordinates C (k x c, wide
-// orientation) and sum M^2: K = A diag((shape(s) - s) / s) A^T (k x k, float64) from the eigenproblem of C C^T,
-// and the RMS of the shaped momentum, sqrt((sum M^2 - sum s^2 + sum shape(s)^2) / (r c)).
-std::pair<torch::Tensor, double> spike_operator(const torch::Tensor& C, double energy, int64_t r, int64_t c,
-                                                int64_t shaping, double spike_scale) {
-  const auto Cd = C.to(torch::kFloat64);
-  const auto eig = at::linalg_eigh(at::mm(Cd, Cd.t()));
-  const auto values = std::get<0>(eig).contiguous(), A = std::get<1>(eig).contiguous();
-  const int64_t k = values.size(0);
-  const double* ev = values.data_ptr<double>();
+// Eigenvalues (a's diagonal on return) and eigenvectors (v's columns) of a symmetric k x k float64 matrix a
+// (row-major), by cyclic Jacobi rotations: for the k <= a few dozen of a spike's Gram matrix, far cheaper than a
+// LAPACK call, and accurate to rounding.
+void symmetric_eigen(std::vector<double>& a, std::vector<double>& v, int64_t k) {
+  v.assign(k * k, 0.0);
+  for (int64_t i = 0; i < k; ++i) v[i * k + i] = 1.0;
+  for (int sweep = 0; sweep < 64; ++sweep) {
+    double off = 0.0, diag = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      diag += a[i * k + i] * a[i * k + i];
+      for (int64_t j = i + 1; j < k; ++j) off += a[i * k + j] * a[i * k + j];
+    }
+    if (off <= 1e-32 * diag || off == 0.0) return;
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t q = p + 1; q < k; ++q) {
+        const double apq = a[p * k + q];
+        if (apq == 0.0) continue;
+        // the rotation (c, s) that zeroes a[p][q]: t = tan of its angle, the smaller root of t^2 + 2 t theta = 1
+        const double theta = (a[q * k + q] - a[p * k + p]) / (2.0 * apq);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+        for (int64_t r = 0; r < k; ++r) {  // a <- a J, v <- v J
+          const double arp = a[r * k + p], arq = a[r * k + q], vrp = v[r * k + p], vrq = v[r * k + q];
+          a[r * k + p] = c * arp - s * arq;
+          a[r * k + q] = s * arp + c * arq;
+          v[r * k + p] = c * vrp - s * vrq;
+          v[r * k + q] = s * vrp + c * vrq;
+        }
+        for (int64_t r = 0; r < k; ++r) {  // a <- J^T a
+          const double apr = a[p * k + r], aqr = a[q * k + r];
+          a[p * k + r] = c * apr - s * aqr;
+          a[q * k + r] = s * apr + c * aqr;
+        }
+      }
+  }
+}
+
+// The spike operator of spectra.py's spike_operator for one matrix, from its coordinates (C, k x c, as `proj`:
+// C itself when `wide`, else C^T, c x k) and sum M^2: K = A diag((shape(s) - s) / s) A^T (k x k) from the
+// eigenproblem of C C^T = A diag(s^2) A^T, and the RMS of the shaped momentum, sqrt((sum M^2 - sum s^2 +
+// sum shape(s)^2) / (r c)). All in float64.
+template <typename T>
+double spike_operator(const T* proj, bool wide, int64_t k, int64_t r, int64_t c, double energy, int64_t shaping,
+                      double spike_scale, std::vector<double>& K) {
+  std::vector<double> C(k * c), gram(k * k), A;
+  for (int64_t a = 0; a < k; ++a)
+    for (int64_t j = 0; j < c; ++j) C[a * c + j] = wide ? proj[a * c + j] : proj[j * k + a];
+  for (int64_t a = 0; a < k; ++a)
+    for (int64_t b = 0; b <= a; ++b) {
+      const double *x = C.data() + a * c, *y = C.data() + b * c;
+      double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < c; ++j) sum += x[j] * y[j];
+      gram[a * k + b] = gram[b * k + a] = sum;
+    }
+  symmetric_eigen(gram, A, k);
   std::vector<double> s(k), factor(k);
   double s_sq = 0.0, target_sq = 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    s[i] = std::sqrt(std::max(ev[i], 0.0));
+    s[i] = std::sqrt(std::max(gram[i * k + i], 0.0));
     s_sq += s[i] * s[i];
   }
   const double tau = r > k ? std::sqrt(std::max(energy - s_sq, 0.0) / (r - k)) : INFINITY;
@@ -644,16 +690,33 @@ std::pair<torch::Tensor, double> spike_operator(const torch::Tensor& C, double e
     target_sq += target * target;
     factor[i] = s[i] > 0 ? (target - s[i]) / std::max(s[i], std::numeric_limits<double>::min()) : 0.0;
   }
-  auto K = torch::empty({k, k}, values.options());
-  const double* a = A.data_ptr<double>();
-  double* out = K.data_ptr<double>();
+  K.assign(k * k, 0.0);
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k; ++j) {
       double sum = 0.0;
-      for (int64_t l = 0; l < k; ++l) sum += a[i * k + l] * factor[l] * a[j * k + l];
-      out[i * k + j] = sum;
+      for (int64_t l = 0; l < k; ++l) sum += A[i * k + l] * factor[l] * A[j * k + l];
+      K[i * k + j] = sum;
     }
-  return {K, std::sqrt(std::max(energy - s_sq + target_sq, 0.0) / (static_cast<double>(r) * c))};
+  return std::sqrt(std::max(energy - s_sq + target_sq, 0.0) / (static_cast<double>(r) * c));
+}
+
+// scale U K (r x k; U: r x k), into out as it is (`transpose` false) or transposed (k x r)
+template <typename T>
+void scaled_basis_product(const T* U, int64_t r, int64_t k, const std::vector<double>& K, double scale,
+                          bool transpose, T* out) {
+  std::vector<T> Ks(k * k);
+  for (int64_t i = 0; i < k * k; ++i) Ks[i] = static_cast<T>(K[i] * scale);
+  std::vector<T> row(k);
+  for (int64_t i = 0; i < r; ++i) {
+    std::fill(row.begin(), row.end(), T(0));
+    for (int64_t a = 0; a < k; ++a) {
+      const T u = U[i * k + a];
+      const T* Ka = Ks.data() + a * k;
+#pragma omp simd
+      for (int64_t b = 0; b < k; ++b) row[b] += u * Ka[b];
+    }
+    for (int64_t b = 0; b < k; ++b) (transpose ? out[b * r + i] : out[i * k + b]) = row[b];
+  }
 }
 
 // A whole Spectra step of one matrix W (m x n), in the order of spectra.py's docstring, with M's passes back to back
@@ -692,12 +755,19 @@ torch::Tensor spectra_step_(torch::Tensor W, torch::Tensor g, torch::Tensor M, t
       proj = coords;
     }
   }
-  const auto coordinates = wide ? proj : proj.t();  // C, k x c
   if (M.scalar_type() == torch::kFloat32) energy = static_cast<float>(energy);  // as the foreach path's fp32 sum
-  const auto shaped = spike_operator(coordinates, energy, r, c, shaping, spike_scale);
-  const double scale = -step / std::max(shaped.second, 1e-30);
-  const auto left = at::mm(used, shaped.first.mul(scale).to(M.scalar_type()));  // (r x k): scale U K
-  const auto P = wide ? left : proj, Q = wide ? proj : left.t().contiguous();
+  used = used.contiguous();
+  const int64_t k = used.size(1);
+  auto left = wide ? torch::empty({r, k}, M.options()) : torch::empty({k, r}, M.options());  // P, or Q = P^T
+  double scale = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "spectra_step", [&] {
+    std::vector<double> K;
+    const double rms = spike_operator<scalar_t>(proj.data_ptr<scalar_t>(), wide, k, r, c, energy, shaping,
+                                                spike_scale, K);
+    scale = -step / std::max(rms, 1e-30);
+    scaled_basis_product<scalar_t>(used.data_ptr<scalar_t>(), r, k, K, scale, !wide, left.data_ptr<scalar_t>());
+  });
+  const auto P = wide ? left : proj, Q = wide ? proj : left;
   const int64_t grow = grow_in_apply ? (wide ? 1 : 2) : 0;
   auto grown = spectra_apply_(W, M, P, Q, decay, scale, grow);
   if (grow_in_apply) next = std::get<0>(at::linalg_qr(wide ? grown : grown.t())).contiguous();
@@ -753,7 +823,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v13_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v14_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
