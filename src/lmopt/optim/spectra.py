@@ -125,7 +125,7 @@ class Spectra(MatrixOptimizer):
         adamw_betas: (β1, β2) of the AdamW part (groups with ``matrix=False``), each in [0, 1).
         eps: the AdamW part's epsilon, added to the square root of its second moment (> 0).
         impl: "foreach" (the large products per matrix, the k-sized work batched per shape, no SVD after the
-            first step), "fused" (the same on CPU float32/float64 matrices in two C++ passes over the momentum, see
+            first step), "fused" (the same on CPU float32/float64 matrices, one C++ call per matrix, see
             :meth:`_fused_step`; the kernels are built on first use, ~1-2 min once per machine, and where they
             cannot be built "foreach" is used after a warning; other matrices take "foreach") or "for-loop" (the
             update as written, one whole matrix at a time). FSDP2-sharded (DTensor) parameters always take
@@ -259,13 +259,16 @@ class Spectra(MatrixOptimizer):
         passes over its momentum, one matrix at a time so that M stays in cache from one pass to the next.
 
         Pass 1 updates M from the gradient and, from the same reads, takes ||M||² and the spike's coordinates
-        C = UᵀM. A "before" refresh then reads M twice more (M Cᵀ, then C in the new basis); the k-sized work
-        (the refresh's thin QR, the Gram eigenproblem of C) runs in ATen within the call. The last pass writes
-        W <- decay W + s M + (s U K) C with the rank-k term formed row by row, and with ``refresh_timing="after"``
-        (one power iteration) also takes the next basis's product M Cᵀ from its reads of M. Memory traffic per
+        C = UᵀM. A "before" refresh then reads M twice more (M Cᵀ, then C in the new basis), with the thin QR
+        between by LAPACK (``torch.linalg.qr``'s); the spike operator comes from the k x k Gram eigenproblem of C
+        (float64 Jacobi rotations in C++: a LAPACK call per matrix cost more than the rest of the small work).
+        The last pass writes W <- decay W + s M + (s U K) C with the rank-k term formed row by row, and with
+        ``refresh_timing="after"`` (one power iteration) also takes the next basis's product M Cᵀ from its reads
+        of M. Memory traffic per
         step: 6 accesses of a matrix-sized array (AdamW's fused step: 7), 8 with a "before" refresh. Keeping the
         passes of one matrix together, rather than each pass over all matrices of a shape, made the 84 hidden
-        matrices' step of qwen3-134m ~25% faster on a 2-core AVX2 machine (a 4 MB matrix stays in L3)."""
+        matrices' step of qwen3-134m ~25% faster on a 2-core AVX2 machine (a 4 MB matrix stays in L3), and the
+        small work in C++ loops (no torch call per matrix but the QR) 8% more."""
         kernels = cpu_kernels.kernels()
         settings = (1 - group["momentum"], group["power_iters"], group["refresh_timing"] == "before",
                     SHAPINGS.index(group["shaping"]), group["spike_scale"], group["lr"] * group["rms_target"],
