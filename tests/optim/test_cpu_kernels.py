@@ -119,6 +119,52 @@ def test_spectra_fused_passes_match_its_foreach_update(options):
     assert all(not torch.equal(p, w) for (p, _, _), w in zip(results[1], weights, strict=True))
 
 
+@pytest.mark.parametrize("case", ["equal spikes", "zero gradient", "float64"])
+def test_spectra_fused_step_matches_foreach_on_degenerate_spectra(case):
+    """The fused step's Jacobi eigenproblem and LAPACK QR against foreach's torch.linalg calls where the spectrum is
+    degenerate: two spikes of equal size (a repeated eigenvalue), an all-zero gradient after the first step (M only
+    decays), and float64 matrices."""
+    from lmopt.optim.spectra import Spectra
+
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    shapes = [(30, 90), (90, 30)]
+    weights = [torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
+
+    def gradient(shape, step):
+        if case == "zero gradient" and step > 0:
+            return torch.zeros(shape, dtype=dtype)
+        u = torch.linalg.qr(torch.randn(shape[0], 2, generator=gen, dtype=dtype)).Q
+        v = torch.linalg.qr(torch.randn(shape[1], 2, generator=gen, dtype=dtype)).Q
+        return 5 * u @ v.mT + 0.1 * torch.randn(shape, generator=gen, dtype=dtype)  # two equal orthogonal spikes
+
+    grads = [[gradient(shape, step) for shape in shapes] for step in range(4)]
+    results = []
+    for impl in ("foreach", "fused"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = Spectra(params, lr=0.05, rank_fraction=0.13, impl=impl)  # k = 4 of min(m, n) = 30
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        bases = [opt.state[p]["basis"] for p in params]
+        results.append([(p.detach().clone(), U @ U.mT) for p, U in zip(params, bases, strict=True)])
+    for (w_foreach, span_foreach), (w_fused, span_fused) in zip(*results, strict=True):
+        torch.testing.assert_close(w_fused, w_foreach, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(span_fused, span_foreach, rtol=1e-4, atol=1e-4)
+
+
+def test_spectra_step_kernel_refuses_inputs_that_do_not_fit():
+    kernels = cpu_kernels.kernels()
+    W, g = torch.zeros(8, 5), torch.zeros(8, 5)
+    with pytest.raises(RuntimeError, match="must match"):
+        kernels.spectra_step_(W, g, torch.zeros(5, 8), torch.zeros(5, 2), True, 0.1, 1, True, 0, 0.5, 0.01, 1.0)
+    with pytest.raises(RuntimeError, match="expected"):
+        kernels.spectra_step_(W, g, torch.zeros(8, 5), torch.zeros(8, 2), True, 0.1, 1, True, 0, 0.5, 0.01, 1.0)
+    with pytest.raises(RuntimeError, match="shaping"):
+        kernels.spectra_step_(W, g, torch.zeros(8, 5), torch.zeros(5, 2), True, 0.1, 1, True, 3, 0.5, 0.01, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [6, 11])  # 11: the momentum pass's 8 products in the update's loop, then 3 more
 def test_spectra_kernels_match_torch_products(dtype, k):
