@@ -28,6 +28,8 @@ _SOURCE = r"""
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
+#include <exception>
+#include <numeric>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -725,16 +727,23 @@ void scaled_basis_product(const T* U, int64_t r, int64_t k, const std::vector<do
 // one); the spike operator K; W <- decay W - step (M + U K C) / RMS. `basis` U is r x k in the wide orientation
 // (r = min(m, n)); returns the basis for the next step. With `before` false and one power iteration, the next
 // basis's product M C^T comes from the update's own pass (one read of M fewer).
+void check_step(const torch::Tensor& W, const torch::Tensor& g, const torch::Tensor& M, const torch::Tensor& basis,
+                int64_t power_iters, int64_t shaping) {
+  TORCH_CHECK(W.dim() == 2 && M.sizes() == W.sizes() && M.scalar_type() == W.scalar_type() && M.is_contiguous() &&
+              W.is_contiguous(), "M must match W");
+  TORCH_CHECK(g.sizes() == W.sizes() && g.scalar_type() == W.scalar_type() && g.is_contiguous(), "g must match W");
+  TORCH_CHECK(power_iters >= 1 && shaping >= 0 && shaping <= 2, "power_iters >= 1; shaping 0 (clip), 1, 2");
+  const int64_t r = std::min(W.size(0), W.size(1));
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == r && basis.scalar_type() == W.scalar_type(), "basis of shape ",
+              basis.sizes(), " for a ", W.sizes(), " matrix: expected (", r, ", k) of its dtype");
+}
+
 torch::Tensor spectra_step_(torch::Tensor W, torch::Tensor g, torch::Tensor M, torch::Tensor basis, bool refresh,
                             double weight, int64_t power_iters, bool before, int64_t shaping, double spike_scale,
                             double step, double decay) {
-  TORCH_CHECK(M.sizes() == W.sizes() && M.scalar_type() == W.scalar_type() && M.is_contiguous() && W.is_contiguous(),
-              "M must match W");
-  TORCH_CHECK(power_iters >= 1 && shaping >= 0 && shaping <= 2, "power_iters >= 1; shaping 0 (clip), 1, 2");
+  check_step(W, g, M, basis, power_iters, shaping);
   const int64_t m = W.size(0), n = W.size(1), r = std::min(m, n), c = std::max(m, n);
   const bool wide = m <= n;
-  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == r, "basis of shape ", basis.sizes(), " for a ", W.sizes(),
-              " matrix: expected (", r, ", k)");
   // the factor on M's rows' side (wide: U, m x k) or columns' side (tall: U^T, k x n)
   auto oriented = [&](const torch::Tensor& U) { return wide ? U : U.t().contiguous(); };
   // proj: C (k x n) for a wide M, C^T = M U (m x k) for a tall one
@@ -774,6 +783,38 @@ torch::Tensor spectra_step_(torch::Tensor W, torch::Tensor g, torch::Tensor M, t
   return next;
 }
 
+// spectra_step_ for many matrices at once, one matrix per thread (largest first): the small work of one matrix
+// (its QR, eigenproblem and products of size k) overlaps another's passes, and each matrix stays in its thread's
+// cache between its passes. Returns the bases for the next step.
+std::vector<torch::Tensor> spectra_steps_(std::vector<torch::Tensor> W, std::vector<torch::Tensor> g,
+                                          std::vector<torch::Tensor> M, std::vector<torch::Tensor> basis,
+                                          std::vector<bool> refresh, double weight, int64_t power_iters, bool before,
+                                          int64_t shaping, double spike_scale, double step, double decay) {
+  const int64_t count = static_cast<int64_t>(W.size());
+  TORCH_CHECK(g.size() == W.size() && M.size() == W.size() && basis.size() == W.size() && refresh.size() == W.size(),
+              "one gradient, momentum, basis and refresh flag per matrix");
+  for (int64_t i = 0; i < count; ++i) check_step(W[i], g[i], M[i], basis[i], power_iters, shaping);
+  std::vector<int64_t> order(count);
+  for (int64_t i = 0; i < count; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return W[a].numel() > W[b].numel(); });
+  std::vector<torch::Tensor> next(count);
+  std::exception_ptr failure = nullptr;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = order[j];
+    try {
+      torch::NoGradGuard no_grad;  // a worker thread's own autograd state
+      next[i] = spectra_step_(W[i], g[i], M[i], basis[i], refresh[i], weight, power_iters, before, shaping,
+                              spike_scale, step, decay);
+    } catch (...) {
+#pragma omp critical
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+  return next;
+}
+
 std::vector<torch::Tensor> adafactor_stats(torch::Tensor p, torch::Tensor g) {
   const int64_t m = g.size(0), n = g.size(1);
   auto options = g.options().dtype(torch::kFloat64);
@@ -809,7 +850,7 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
               "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_",
-              "spectra_step_"]
+              "spectra_step_", "spectra_steps_"]
 _failure: list[str] = []
 
 
@@ -823,7 +864,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v14_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v16_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
