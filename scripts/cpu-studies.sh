@@ -5,6 +5,7 @@
 #   BENCH_SRC=/path/to/frozen/worktree/src  the lmopt source the suites run with (all of a suite's runs must
 #                                           come from one version of the training code; default: this tree)
 #   VARIANT_SRC=...                         the source the variant studies run with (default: this tree)
+#   MSAM_VARIANT_SRC=...                    the source of the MSAM variant (needs its gamma_from option)
 #   nohup scripts/cpu-studies.sh >> runs/cpu-studies.log 2>&1 &
 #
 # Stop it with `kill -TERM <pid of the lmopt bench process>` (the runner forwards the signal and waits);
@@ -33,6 +34,8 @@ variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
 variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
 variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
 variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
+PYTHONPATH="${MSAM_VARIANT_SRC:-$here}" .venv/bin/python -m lmopt.cli bench variant cpu-full msam \
+    --name msam-gamma-previous --set optim.gamma_from=previous --jobs 2
 variant cpu-full --report
 # issue 14: the model-size ladder
 bench run cpu-ladder-micro --jobs 2

@@ -137,12 +137,15 @@ def ortho_adam(w, grads, roles, lr, wd, rotations, betas=(0.9, 0.95), eps=1e-8):
 
 
 @_per_tensor
-def msam(name, w, grads, roles, lr, wd, betas=(0.9, 0.95, 0.999), eps=1e-8):
+def msam(name, w, grads, roles, lr, wd, betas=(0.9, 0.95, 0.999), eps=1e-8, gamma_lag=0):
+    # gamma_lag 1: step t uses the stability measured at step t - 1 (0 at the first step)
     role, decay = roles[name], decay_of(name, w, roles, wd)
     fast, slow, v = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
+    measured = []
     for t, g in enumerate(grads, 1):
         norms = np.linalg.norm(g) * np.linalg.norm(slow)
-        gamma = 0.0 if norms == 0 else min(1.0, max(0.0, float(np.sum(g * slow)) / norms))
+        measured.append(0.0 if norms == 0 else min(1.0, max(0.0, float(np.sum(g * slow)) / norms)))
+        gamma = measured[-1 - gamma_lag] if len(measured) > gamma_lag else 0.0
         if role in ATTENTION:
             alpha = 0.85 + 0.1 * gamma
         elif role in ("embedding", "norm"):

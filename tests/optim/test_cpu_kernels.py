@@ -73,15 +73,16 @@ def test_two_pass_adam_family_matches_its_eager_update(name):
         assert not torch.equal(results[1][0], w)
 
 
+@pytest.mark.parametrize("gamma_from", ["current", "previous"])
 @pytest.mark.parametrize("stability", ["cosine", "variance"])
-def test_msam_passes_match_its_eager_update(stability):
+def test_msam_passes_match_its_eager_update(stability, gamma_from):
     from lmopt.optim import build
     from tests.optim.infos import Battery
 
     results = []
     for impl in ("for-loop", "fused"):
         model = Battery()
-        opt = build("msam", model, lr=0.01, weight_decay=0.1, impl=impl, stability=stability)
+        opt = build("msam", model, lr=0.01, weight_decay=0.1, impl=impl, stability=stability, gamma_from=gamma_from)
         gen = torch.Generator().manual_seed(2)
         for _ in range(4):
             for p in model.parameters():

@@ -107,6 +107,19 @@ def test_ortho_adam_kronecker_rotation_compiles_to_the_eager_result():
     info.assert_equal(info.snapshot(compiled_model.parameters()), info.snapshot(eager_model.parameters()), atol=1e-5)
 
 
+def test_msam_gamma_from_the_previous_step_compiles_to_the_eager_result():
+    # the stability sums carried from step to step as a small state tensor, updated inside the compiled graph
+    eager_model, compiled_model = Battery(), Battery()
+    eager = info.make("msam", "for-loop", eager_model, gamma_from="previous")
+    compiled = info.make("msam", "compiled", compiled_model, gamma_from="previous")
+    info.train(eager, list(eager_model.parameters()), range(4))
+    info.train(compiled, list(compiled_model.parameters()), range(4))
+    assert compiled.impl == "compiled"
+    sums = [compiled.state[p]["stability_sums"] for p in compiled_model.parameters()]
+    assert all(s.shape == (3,) and s[1] > 0 for s in sums)  # ||g||² of the last step is stored
+    info.assert_equal(info.snapshot(compiled_model.parameters()), info.snapshot(eager_model.parameters()), atol=1e-5)
+
+
 def test_adafactor_fused_kernels_match_torch_in_float32_and_fall_back_where_they_cannot_build(monkeypatch):
     # float32 sums in a different order (per row, then blocks of 256 rows) than torch's reductions: a few ulps
     torch_model, fused_model = Battery(), Battery()

@@ -143,7 +143,11 @@ EAGER_CASES = [(name, impl) for name in OPTIMIZERS.names()
                for impl in (OPTIMIZERS.get(name).impls or (None,)) if impl != "compiled"]
 # named options with their own arithmetic, checked against the reference too: (registry name, reference, options)
 OPTION_CASES = {"ortho-adam-kronecker": ("ortho-adam", functools.partial(ortho_adam_reference, rotation="kronecker"),
-                                         {"rotation": "kronecker"})}
+                                         {"rotation": "kronecker"}),
+                "msam-gamma-previous": ("msam", functools.partial(reference.msam, gamma_lag=1),
+                                        {"gamma_from": "previous"}),
+                "msam-gamma-previous-fused": ("msam", functools.partial(reference.msam, gamma_lag=1),
+                                              {"gamma_from": "previous", "impl": "fused"})}
 
 
 def test_every_optimizer_has_a_reference():

@@ -119,6 +119,7 @@ def test_matrix_groups_hold_only_hidden_matrices():
         ("spectra", {"shaping": "soft"}, "Invalid shaping 'soft'; choose one of clip, remove, scale"),
         ("spectra", {"rank_fraction": 0.0}, "Invalid rank_fraction"),
         ("msam", {"stability": "entropy"}, "Invalid stability"),
+        ("msam", {"gamma_from": "later"}, "Invalid gamma_from"),
         ("adamw", {"impl": "cuda"}, "Invalid impl"),
         ("adafactor", {"impl": "cuda"}, "Invalid impl: 'cuda'; choose one of 'foreach', 'for-loop'"),
         ("lamb", {"eps": 0.0}, "Invalid eps"),

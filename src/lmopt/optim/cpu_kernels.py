@@ -291,25 +291,44 @@ void dot_norms(const T* a, const T* b, int64_t n, double* out) {
 }
 
 // MSAM, pass 2: both momenta and the second moment in place, then w <- w decay - lr m / (sqrt(v c_v) + eps) with
-// m = c_f fast + c_s slow (c_f = alpha / bias_fast, c_s = (1 - alpha) / bias_slow, c_v = 1 / bias_v).
+// m = c_f fast + c_s slow (c_f = alpha / bias_fast, c_s = (1 - alpha) / bias_slow, c_v = 1 / bias_v); from the same
+// reads, dot_norms' three sums of g and the slow momentum before its update (the next step's gamma, for
+// gamma_from="previous").
 template <typename T>
 void msam_apply(T* p, const T* g, T* fast, T* slow, T* v, int64_t n, double beta_fast, double beta_slow,
-                double beta_v, double c_fast, double c_slow, double c_v, double eps, double decay, double lr) {
+                double beta_v, double c_fast, double c_slow, double c_v, double eps, double decay, double lr,
+                double* sums) {
   const T bv = static_cast<T>(beta_v), af = static_cast<T>(1.0 - beta_fast), as = static_cast<T>(1.0 - beta_slow);
   const T av = static_cast<T>(1.0 - beta_v);
   const T cf = static_cast<T>(c_fast), cs = static_cast<T>(c_slow), cv = static_cast<T>(c_v);
   const T e = static_cast<T>(eps), d = static_cast<T>(decay), l = static_cast<T>(lr);
-#pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
-  for (int64_t j = 0; j < n; ++j) {
-    const T x = g[j];
-    const T f = fast[j] + af * (x - fast[j]);
-    const T s = slow[j] + as * (x - slow[j]);
-    const T vj = v[j] * bv + av * x * x;
-    fast[j] = f;
-    slow[j] = s;
-    v[j] = vj;
-    p[j] = p[j] * d - l * (f * cf + s * cs) / (std::sqrt(vj * cv) + e);
+  double gs = 0.0, gg = 0.0, ss = 0.0;
+  const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static) reduction(+ : gs, gg, ss)
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t end = std::min(n, start + chunk);
+    T x_s = 0, x_x = 0, s_s = 0;
+#pragma omp simd reduction(+ : x_s, x_x, s_s)
+    for (int64_t j = start; j < end; ++j) {
+      const T x = g[j], old = slow[j];
+      x_s += x * old;
+      x_x += x * x;
+      s_s += old * old;
+      const T f = fast[j] + af * (x - fast[j]);
+      const T s = old + as * (x - old);
+      const T vj = v[j] * bv + av * x * x;
+      fast[j] = f;
+      slow[j] = s;
+      v[j] = vj;
+      p[j] = p[j] * d - l * (f * cf + s * cs) / (std::sqrt(vj * cv) + e);
+    }
+    gs += x_s;
+    gg += x_x;
+    ss += s_s;
   }
+  sums[0] = gs;
+  sums[1] = gg;
+  sums[2] = ss;
 }
 
 torch::Tensor dot_norms_(torch::Tensor a, torch::Tensor b) {
@@ -320,14 +339,16 @@ torch::Tensor dot_norms_(torch::Tensor a, torch::Tensor b) {
   return out;
 }
 
-void msam_apply_(torch::Tensor p, torch::Tensor g, torch::Tensor fast, torch::Tensor slow, torch::Tensor v,
-                 double beta_fast, double beta_slow, double beta_v, double c_fast, double c_slow, double c_v,
-                 double eps, double decay, double lr) {
+torch::Tensor msam_apply_(torch::Tensor p, torch::Tensor g, torch::Tensor fast, torch::Tensor slow, torch::Tensor v,
+                          double beta_fast, double beta_slow, double beta_v, double c_fast, double c_slow, double c_v,
+                          double eps, double decay, double lr) {
+  auto sums = torch::empty({3}, p.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "msam_apply", [&] {
     msam_apply<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), fast.data_ptr<scalar_t>(),
                          slow.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), p.numel(), beta_fast, beta_slow, beta_v,
-                         c_fast, c_slow, c_v, eps, decay, lr);
+                         c_fast, c_slow, c_v, eps, decay, lr, sums.data_ptr<double>());
   });
+  return sums;
 }
 
 // Spectra. Row-major M (m x n); a rank-k factor is applied on the rows' side ("left": U^T M, k x n, a reduction
@@ -864,7 +885,7 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v16_{capability.lower()}", cpp_sources=[_SOURCE],
+        return load_inline(name=f"lmopt_cpu_kernels_v17_{capability.lower()}", cpp_sources=[_SOURCE],
                            functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back

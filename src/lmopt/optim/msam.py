@@ -20,6 +20,12 @@ Our choices where the text is silent:
   they are orthogonal (clamped to [0, 1]). Both are computed on-device, without a host sync.
 - roles not named by the paper: the untied head and "other" follow the MLP rule; norms and embeddings the
   "Embeddings/Norms" rule. α is clamped to [0, 1].
+- when γ is measured (``gamma_from``): ``"current"`` (default) compares this step's gradient with the slow
+  momentum before this step's update (the natural reading of γ_t); ``"previous"`` uses the same measure taken one
+  step earlier (γ_t from g_{t-1} and m^s_{t-2}; 0 at the first two steps), which the update's own pass can
+  compute, so that the fused step reads each operand once: 9 operand reads and writes to AdamW's 7, against 11
+  with ``"current"`` (whose γ needs a pass over g and m^s before the update). A per-tensor stability statistic
+  that drifts slowly, one step older: an option until its loss is compared (``lmopt bench variant``).
 - β3 = 0.999 (Adam's default); the paper's "learning rates based on layer type" are not specified, so all
   roles share the lr.
 Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 for bf16), 1.5x AdamW's.
@@ -27,20 +33,19 @@ Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 fo
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
-from lmopt.optim.distributed import replicated
+from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptionError, register_class
 
 STABILITY_MEASURES = ("cosine", "variance")
+GAMMA_TIMINGS = ("current", "previous")
 
 
 def alpha_for_role(role: str, gamma: Tensor) -> Tensor:
@@ -54,15 +59,28 @@ def alpha_for_role(role: str, gamma: Tensor) -> Tensor:
     return alpha.clamp(0.0, 1.0)
 
 
+def stability_sums(grad: Tensor, slow: Tensor) -> Tensor:
+    """[g·m_slow, ||g||², ||m_slow||²] (float32, shape (3,)): everything either stability measure needs."""
+    g, s = grad.flatten().float(), slow.flatten().float()
+    return torch.stack([g @ s, g @ g, s @ s])
+
+
+def stability_from_sums(sums: Tensor, measure: str = "cosine") -> Tensor:
+    """γ ∈ [0, 1] (0-d tensor) from :func:`stability_sums`: "cosine" max(0, cos(g, m_slow)), "variance"
+    1 - ||g - m_slow||² / (||g||² + ||m_slow||²), with ||g - m_slow||² = ||g||² + ||m_slow||² - 2 g·m_slow."""
+    gs, gg, ss = sums.unbind()
+    if measure == "cosine":
+        gamma = gs / (gg.sqrt() * ss.sqrt()).clamp(min=1e-30)
+    elif measure == "variance":
+        gamma = 1 - (gg + ss - 2 * gs) / (gg + ss).clamp(min=1e-30)
+    else:
+        raise OptionError(f"Invalid stability measure {measure!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+    return gamma.clamp(0.0, 1.0)
+
+
 def gradient_stability(grad: Tensor, slow: Tensor, measure: str = "cosine") -> Tensor:
     """γ ∈ [0, 1] from the gradient and the slow momentum before this step's update (0-d tensor)."""
-    g, s = grad.flatten().float(), slow.flatten().float()
-    if measure == "cosine":
-        cos = (g @ s) / (g.norm() * s.norm()).clamp(min=1e-30)
-        return cos.clamp(0.0, 1.0)
-    if measure == "variance":
-        return (1 - (g - s).square().sum() / (g.square().sum() + s.square().sum()).clamp(min=1e-30)).clamp(0.0, 1.0)
-    raise OptionError(f"Invalid stability measure {measure!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+    return stability_from_sums(replicated(stability_sums(grad, slow)), measure)
 
 
 class MSAM(ElementwiseOptimizer):
@@ -82,56 +100,75 @@ class MSAM(ElementwiseOptimizer):
         weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
         stability: the measure γ: "cosine" (max(0, cos(g, m_slow))) or "variance"
             (1 - ||g - m_slow||² / (||g||² + ||m_slow||²), clamped to [0, 1]).
+        gamma_from: "current" (this step's gradient against the slow momentum before the update) or "previous"
+            (the same, one step older: the fused step then needs one pass instead of two; see the module
+            docstring).
         impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
-            compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
-            CPU tensor: γ's three sums, then the moments and the step; other tensors run "for-loop").
+            compilation is unavailable it warns once and runs "for-loop") or "fused" (C++ passes per fp32/fp64 CPU
+            tensor: γ's three sums, then the moments and the step, the first skipped with ``gamma_from="previous"``;
+            other tensors run "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine",
-                 impl: str = "for-loop") -> None:
+                 gamma_from: str = "current", impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if stability not in STABILITY_MEASURES:
             raise OptionError(f"Invalid stability {stability!r}; choose one of {', '.join(STABILITY_MEASURES)}")
+        if gamma_from not in GAMMA_TIMINGS:
+            raise OptionError(f"Invalid gamma_from {gamma_from!r}; choose one of {', '.join(GAMMA_TIMINGS)}")
         impl = cpu_kernels.fused_or_fallback(impl, "MSAM")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability),
-                         impl)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stability=stability,
+                                      gamma_from=gamma_from), impl)
 
     buffers = ("fast", "slow", "exp_avg_sq")
     impls = (*ELEMENTWISE_IMPLS, "fused")
 
+    def tensors(self, p, state, group):
+        """The three buffers, and with ``gamma_from="previous"`` the stability sums of the previous step (3,)."""
+        if group["gamma_from"] == "current":
+            return super().tensors(p, state, group)
+        if "stability_sums" not in state:  # also where a checkpoint made with "current" is resumed
+            state["stability_sums"] = replicate_like(torch.zeros(3, device=p.device), p)
+        return [*super().tensors(p, state, group), state["stability_sums"]]
+
     def fused_update(self, p, grad, tensors, scalars, c) -> bool:
-        """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): g·m_slow, ‖g‖², ‖m_slow‖² for γ; then the moments and
-        the step."""
-        fast, slow, exp_avg_sq = tensors
+        """C++ passes (:mod:`lmopt.optim.cpu_kernels`): g·m_slow, ‖g‖², ‖m_slow‖² for γ (skipped with
+        ``gamma_from="previous"``, which takes the sums the update's pass returned at the previous step); then the
+        moments and the step, returning this step's sums."""
+        fast, slow, exp_avg_sq = tensors[:3]
         kernels = cpu_kernels.kernels_for(p, grad, fast, slow, exp_avg_sq, matrix=False)
         if kernels is None:
             return False
         lr, bias_fast, bias_slow, bias_v = scalars
-        gs, gg, ss = kernels.dot_norms_(grad, slow).tolist()
-        if c["stability"] == "cosine":
-            gamma = gs / max(math.sqrt(gg) * math.sqrt(ss), 1e-30)
-        else:  # ||g - s||² = ||g||² + ||s||² - 2 g·s
-            gamma = 1 - (gg + ss - 2 * gs) / max(gg + ss, 1e-30)
-        alpha = alpha_for_role(c["role"], torch.tensor(min(max(gamma, 0.0), 1.0))).item()
-        kernels.msam_apply_(p, grad, fast, slow, exp_avg_sq, *c["betas"], alpha / bias_fast, (1 - alpha) / bias_slow,
-                            1 / bias_v, c["eps"], 1 - lr * c["weight_decay"], lr)
+        previous = c["gamma_from"] == "previous"
+        sums = tensors[3] if previous else kernels.dot_norms_(grad, slow)
+        alpha = alpha_for_role(c["role"], stability_from_sums(sums, c["stability"])).item()
+        new_sums = kernels.msam_apply_(p, grad, fast, slow, exp_avg_sq, *c["betas"], alpha / bias_fast,
+                                       (1 - alpha) / bias_slow, 1 / bias_v, c["eps"], 1 - lr * c["weight_decay"], lr)
+        if previous:
+            tensors[3].copy_(new_sums)
         return True
 
     def scalars(self, group, state):
         return (group["lr"], *bias_corrections(group["betas"], state["step"]))
 
     def constants(self, group):
-        return {k: group[k] for k in ("betas", "eps", "weight_decay", "stability")} | {
+        return {k: group[k] for k in ("betas", "eps", "weight_decay", "stability", "gamma_from")} | {
             "role": group.get("role", "other")}
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
-        fast, slow, exp_avg_sq = tensors
+        fast, slow, exp_avg_sq = tensors[:3]
         lr, bias_fast, bias_slow, bias_v = scalars
         beta_fast, beta_slow, beta_v = c["betas"]
-        gamma = replicated(gradient_stability(grad, slow, c["stability"]))
+        if c["gamma_from"] == "previous":
+            sums = tensors[3]
+            gamma = stability_from_sums(sums, c["stability"])
+            sums.copy_(replicated(stability_sums(grad, slow)))
+        else:
+            gamma = gradient_stability(grad, slow, c["stability"])
         fast.lerp_(grad, 1 - beta_fast)
         slow.lerp_(grad, 1 - beta_slow)
         exp_avg_sq.mul_(beta_v).addcmul_(grad, grad, value=1 - beta_v)
