@@ -171,7 +171,8 @@ register(Suite(
         "tokens/param: far below compute-optimal, a data- and compute-starved regime). Tuning: 12 runs per\n"
         "optimizer on seed 100 (coordinate search over lr, own knob, weight decay, warm-up); report: 5 held-out\n"
         "seeds (0-4) x complete runs at 1/4, 1/2 and 1 of the budget. Plan: 11 x (12 + 5 x 1.75) = 228\n"
-        "full-run equivalents x ~150 s on one core = 9.5 core-hours, ~4.8 h with --jobs 2 on 2 cores."
+        "full-run equivalents x ~190 s on one core (measured, two runs at once) = 12 core-hours, ~6 h with\n"
+        "--jobs 2 on 2 cores."
     ),
     preset="nano", optimizers=ALL, **CPU_RUNG,
 ))
@@ -182,7 +183,8 @@ register(Suite(
         "Ladder rung 2: micro (d 192, 4 layers: 1.72M non-embedding of 3.30M params), same data and budget as\n"
         "cpu-full (0.12 tokens/param). AdamW, Muon, Adafactor and every optimizer that beat AdamW on cpu-full,\n"
         "each starting from its cpu-full values, 6 tuning runs (lr and its own knob: coarser, stated), 3\n"
-        "held-out seeds x 3 budgets. Plan: ~5 x (6 + 3 x 1.75) = 56 run equivalents x ~300 s = 4.7 core-hours."
+        "held-out seeds x 3 budgets. Plan: n x (6 + 3 x 1.75) run equivalents x ~270 s on one core (measured,\n"
+        "two runs at once): 5.1 core-hours for n = 6 (the three above and Spectra, LAMB, OrthoAdam)."
     ),
     preset="micro", optimizers=LADDER_BASE, tuning_budget=6, seeds=(0, 1, 2), transfer_from="cpu-full",
     rung_knobs=("lr", "own"), **CPU_RUNG,
@@ -192,7 +194,8 @@ register(Suite(
     name="cpu-ladder-small",
     description=(
         "Ladder rung 3: small (d 256, 6 layers: 5.90M non-embedding of 8.00M params, 74%), same data and budget\n"
-        "(0.05 tokens/param), as rung 2. Plan: ~5 x 11.25 = 56 run equivalents x ~750 s = 11.7 core-hours."
+        "(0.05 tokens/param), as rung 2. Plan: n x 11.25 run equivalents x ~600 s (measured): 11.3 core-hours\n"
+        "for n = 6."
     ),
     preset="small", optimizers=LADDER_BASE, tuning_budget=6, seeds=(0, 1, 2), transfer_from="cpu-full",
     rung_knobs=("lr", "own"), **CPU_RUNG,
