@@ -96,27 +96,26 @@ def test_past_the_compile_limit_the_step_says_so_and_runs_eagerly(monkeypatch):
     assert torch.equal(weight, reference)  # the fallback ran the eager update
 
 
-def test_ortho_adam_kronecker_rotation_compiles_to_the_eager_result():
-    # the Kronecker rotation's reshape and two small products inside the compiled graph (the references check eager)
-    eager_model, compiled_model = Battery(), Battery()
-    eager = info.make("ortho-adam", "for-loop", eager_model, rotation="kronecker")
-    compiled = info.make("ortho-adam", "compiled", compiled_model, rotation="kronecker")
-    info.train(eager, list(eager_model.parameters()), range(4))
-    info.train(compiled, list(compiled_model.parameters()), range(4))
-    assert compiled.impl == "compiled" and any(len(f) == 2 for f in compiled._rotations.values())
-    info.assert_equal(info.snapshot(compiled_model.parameters()), info.snapshot(eager_model.parameters()), atol=1e-5)
+# options with their own arithmetic inside the compiled graph (the references check eager): OrthoAdam's Kronecker
+# rotation (a reshape and two small products), MSAM's stability sums carried from step to step as a small state
+# tensor; each with what its state must show after the steps
+COMPILED_OPTIONS = {
+    "ortho-adam-kronecker": ("ortho-adam", {"rotation": "kronecker"},
+                             lambda opt, params: any(len(f) == 2 for f in opt._rotations.values())),
+    "msam-gamma-previous": ("msam", {"gamma_from": "previous"},  # ||g||² of the last step is stored
+                            lambda opt, params: all(opt.state[p]["stability_sums"][1] > 0 for p in params)),
+}
 
 
-def test_msam_gamma_from_the_previous_step_compiles_to_the_eager_result():
-    # the stability sums carried from step to step as a small state tensor, updated inside the compiled graph
+@pytest.mark.parametrize("case", COMPILED_OPTIONS)
+def test_options_compile_to_the_eager_result(case):
+    name, options, state_check = COMPILED_OPTIONS[case]
     eager_model, compiled_model = Battery(), Battery()
-    eager = info.make("msam", "for-loop", eager_model, gamma_from="previous")
-    compiled = info.make("msam", "compiled", compiled_model, gamma_from="previous")
+    eager = info.make(name, "for-loop", eager_model, **options)
+    compiled = info.make(name, "compiled", compiled_model, **options)
     info.train(eager, list(eager_model.parameters()), range(4))
     info.train(compiled, list(compiled_model.parameters()), range(4))
-    assert compiled.impl == "compiled"
-    sums = [compiled.state[p]["stability_sums"] for p in compiled_model.parameters()]
-    assert all(s.shape == (3,) and s[1] > 0 for s in sums)  # ||g||² of the last step is stored
+    assert compiled.impl == "compiled" and state_check(compiled, list(compiled_model.parameters()))
     info.assert_equal(info.snapshot(compiled_model.parameters()), info.snapshot(eager_model.parameters()), atol=1e-5)
 
 
