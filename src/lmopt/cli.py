@@ -187,7 +187,7 @@ def _add_bench_parser(sub) -> None:
                        description="Benchmarks: every optimizer tuned with the same budget, compared on held-out "
                        "seeds against AdamW and Muon (paired, Holm-corrected, with power).")
     bench_sub = p.add_subparsers(dest="bench_command", required=True,
-                                 metavar="{run,report,ladder,variant,list,step}")
+                                 metavar="{run,report,ladder,variant,list,step,overhead}")
     run = bench_sub.add_parser(
         "run", help="run (or continue) every run of a suite",
         description="Run a suite: every optimizer tuned by the same coordinate search (the suite's tuning budget, "
@@ -246,7 +246,53 @@ def _add_bench_parser(sub) -> None:
     step.add_argument("--muon-layers", type=int, default=0,
                       help="time torch's and lmopt's Muon ('matrices only' rows) on the first N layers' matrices "
                       "(default 0: all); torch.optim.Muon's bf16 takes minutes per step on a CPU without bf16")
+    step.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                      help="where the optimizer steps run (default cpu); cuda: the GPU's table, "
+                      "results/step/cuda-<gpu>-<preset>.md (the training-step rows stay on the CPU: --train-preset "
+                      "none skips them)")
     step.add_argument("--out", default="results/step", help="output directory (default results/step)")
+    overhead = bench_sub.add_parser(
+        "overhead", help="an optimizer's end-to-end training-step overhead over AdamW, through lmopt train",
+        description="Train each optimizer for --steps steps with the same settings (lmopt train's own loop: your "
+        "device, bf16, compile, micro-batches), alternating in --rounds rounds in one process, and report the "
+        "median step time over the first optimizer's. Writes results/overhead/<device>-<preset>.md and .json.")
+    overhead.add_argument("--optimizers", nargs="+", default=["adamw", "spectra"],
+                          help="registered optimizers; the first is the baseline (default: adamw spectra)")
+    overhead.add_argument("--steps", type=int, default=20, help="steps per run (default 20)")
+    overhead.add_argument("--rounds", type=int, default=2, help="runs per optimizer, alternating (default 2)")
+    overhead.add_argument("--skip", type=int, default=2, help="timed steps left out at each run's start (default 2)")
+    overhead.add_argument("--set", dest="settings", nargs="+", metavar="KEY=VALUE", default=[],
+                          help="lmopt train settings, e.g. preset=qwen3-134m device=cuda compile=true "
+                          "seq_len=1024 batch_tokens=262144; OPTIMIZER.KEY=VALUE sets one optimizer's option "
+                          "(adamw.impl=fused)")
+    overhead.add_argument("--out", default="results/overhead", help="output directory (default results/overhead)")
+
+
+def _cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmopt.bench.overhead import run_overhead, write_overhead_results
+    from lmopt.bench.variants import parse_setting
+    from lmopt.registry import OPTIMIZERS
+    from lmopt.train.config import TrainConfig
+    from lmopt.train.trainer import git_commit
+
+    settings, options = {}, {}
+    for key, value in (parse_setting(s) for s in args.settings):
+        head, _, option = key.partition(".")
+        if option:
+            OPTIMIZERS.get(head)  # an unknown optimizer fails with the registry's list
+            options.setdefault(head, {})[option] = value
+        else:
+            settings[key] = value
+    for name in args.optimizers:  # unknown names and settings fail here, before anything trains
+        OPTIMIZERS.get(name)
+        TrainConfig(**(settings | {"optimizer": name, "optim": options.get(name, {})}))
+    result = run_overhead(settings, args.optimizers, args.steps, args.rounds, args.skip, options, log=_log)
+    command = " ".join(["lmopt", *sys.argv[1:]])
+    path = write_overhead_results(result, Path(args.out), command, git_commit())
+    _log(path.read_text())
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -276,7 +322,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         compiled = not args.no_compiled
         result = bench_step.run_step_benchmark(args.preset, args.repeats, args.warmup, args.only, compiled,
-                                               args.profile, log=_log, muon_layers=args.muon_layers)
+                                               args.profile, log=_log, muon_layers=args.muon_layers,
+                                               device=args.device)
         if args.train_preset != "none":
             result["train_step"] = bench_step.run_train_step_benchmark(args.train_preset, only=args.only,
                                                                        compiled=compiled, log=_log)
@@ -285,6 +332,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         path = bench_step.write_step_results(result, Path(args.out), command, git_commit())
         _log(path.read_text())
         return 0
+    if args.bench_command == "overhead":
+        return _cmd_bench_overhead(args)
     if args.bench_command == "ladder":
         from lmopt.bench.report import write_ladder_report
 

@@ -318,6 +318,32 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     assert "Where the time goes: `spectra`" in text and result["profiles"]["spectra"][0]["calls"] >= 1
 
 
+def test_gpu_step_tables_are_named_after_the_gpu(tmp_path):
+    from lmopt.bench.step import device_name
+
+    assert device_name({"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}) == "cuda-nvidia-h100-80gb-hbm3"
+    assert device_name({"threads": 2}) == "cpu-2threads"
+
+
+def test_end_to_end_overhead_trains_each_optimizer_through_the_trainer(tmp_path, monkeypatch):
+    """Structure only: the runs happen through lmopt train (losses recorded), the first optimizer is the
+    baseline, and the table names the implementation each ran."""
+    from lmopt.bench.overhead import run_overhead, write_overhead_results
+
+    monkeypatch.setenv("LMOPT_RUNS", str(tmp_path / "runs"))
+    settings = dict(preset="nano", seq_len=32, batch_tokens=256, eval_tokens=256, device="cpu")
+    result = run_overhead(settings, ["adamw", "spectra"], steps=3, rounds=2, skip=1,
+                          options={"adamw": {"impl": "fused"}}, log=lambda _: None)
+    rows = result["results"]
+    assert rows["adamw"]["overhead"] == 0 and rows["adamw"]["impl"] == "fused" and rows["spectra"]["impl"]
+    assert len(rows["spectra"]["round_medians"]) == 2 and rows["spectra"]["final_val_loss"] > 0
+    assert not (tmp_path / "runs").exists()  # the runs lived in a temporary folder
+    text = write_overhead_results(result, tmp_path, "lmopt bench overhead", "abc").read_text()
+    assert "| spectra | foreach |" in text and len(list(tmp_path.glob("cpu-*threads-nano.json"))) == 1
+    with pytest.raises(ValueError, match="must exceed skip"):
+        run_overhead(settings, ["adamw"], steps=2, skip=2)
+
+
 def test_gpu_jobs_get_disjoint_devices_and_the_dry_run_counts_the_protocol(monkeypatch):
     import dataclasses
 

@@ -79,15 +79,17 @@ def resume(steps: int) -> None:
 
 def rehearsal_config(steps: int) -> dict:
     """A GPU suite's own run settings (Suite.train_config: bf16, torch.compile, its gradient accumulation),
-    scaled down for 2 gloo ranks on CPU: only the preset, the data, the device and the sizes change."""
+    scaled down for 2 gloo ranks on CPU: only the preset, the data, the device and the sizes change. On a GPU
+    machine (scripts/gpu-checks.sh) ``DEVICE=cuda`` runs the same under NCCL, one GPU per rank."""
     from lmopt.bench.suites import SUITES
 
     suite = SUITES.get(os.environ.get("SUITE", "gpu-134m"))
     settings = suite.train_config("spectra", {}, seed=0, steps=steps, run_name="rehearsal", curve=False)
-    seq_len = 32
+    seq_len, ranks = 32, int(os.environ.get("WORLD_SIZE", RANKS))
     return settings | {
-        "preset": os.environ.get("PRESET", "nano"), "data": "brown", "device": "cpu", "dist": "fsdp", "threads": 1,
-        "seq_len": seq_len, "batch_tokens": seq_len * RANKS * settings["grad_accum"], "eval_tokens": 1024,
+        "preset": os.environ.get("PRESET", "nano"), "data": "brown", "device": os.environ.get("DEVICE", "cpu"),
+        "dist": "fsdp", "threads": 1, "seq_len": seq_len, "batch_tokens": seq_len * ranks * settings["grad_accum"],
+        "eval_tokens": 1024,
         "eval_interval": steps, "ckpt_interval": steps // 2, "log_interval": 100,
     }
 

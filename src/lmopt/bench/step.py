@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -40,6 +41,7 @@ from lmopt.registry import OPTIMIZERS
 
 BASELINE = "adamw (fused)"
 SPECTRA_REFRESH = 10  # the refresh interval measured beside Spectra's default
+CPU = torch.device("cpu")
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -101,21 +103,32 @@ def _interleaving_sets(names: list[str]) -> list[list[str]]:
     return [[n] for n in names if n not in paired] + ([paired] if paired else [])
 
 
-def _warm(name: str, make: Callable[[], torch.optim.Optimizer], warmup: int, log) -> torch.optim.Optimizer:
+def _synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock interval covers the kernels a step launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warm(name: str, make: Callable[[], torch.optim.Optimizer], warmup: int, log,
+          device: torch.device = CPU) -> torch.optim.Optimizer:
     start = time.perf_counter()
     opt = make()
     for _ in range(warmup):
         opt.step()
+    _synchronize(device)
     log(f"warmed up {name} ({time.perf_counter() - start:.1f} s)")
     return opt
 
 
-def _interleaved_times(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+def _interleaved_times(steps: dict[str, Callable[[], None]], repeats: int,
+                       device: torch.device = CPU) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            _synchronize(device)
             start = time.perf_counter()
             step()
+            _synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -128,44 +141,55 @@ def paired_ratio_spread(times: list[float], base_times: list[float]) -> dict:
     return {"ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
 
 
-def _machine(threads: int) -> dict:
+def _machine(threads: int, device: torch.device = CPU) -> dict:
     from lmopt.optim.kernels import fast_matmul_dtype
 
+    gpu = ({"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+           if device.type == "cuda" else {})
     return {"threads": threads, "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "muon_ns_dtype": str(fast_matmul_dtype(torch.device("cpu"))).removeprefix("torch.")}
+            "muon_ns_dtype": str(fast_matmul_dtype(device)).removeprefix("torch."), **gpu}
 
 
-def profile_table(step: Callable[[], None], top: int = 8) -> list[dict]:
-    """Where one call of ``step`` spends its time: the ``top`` operators by self CPU time (torch.profiler)."""
+def profile_table(step: Callable[[], None], top: int = 8, device: torch.device = CPU) -> list[dict]:
+    """Where one call of ``step`` spends its time: the ``top`` operators by self time (torch.profiler), CPU time
+    on a CPU and GPU kernel time on a GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
-             "share": e.self_cpu_time_total / total} for e in events[:top]]
+        _synchronize(device)
+    attribute = "self_device_time_total" if gpu else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    total = sum(getattr(e, attribute) for e in events) or 1.0
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attribute) / 1e3,
+             "share": getattr(e, attribute) / total} for e in events[:top]]
 
 
 def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int = 2,
                        only: list[str] | None = None, compiled: bool = True, profile: list[str] | None = None,
-                       log=print, muon_layers: int = 0) -> dict:
+                       log=print, muon_layers: int = 0, device: str = "cpu") -> dict:
     """Optimizer step time and state memory of every candidate on ``preset``'s parameter shapes.
+
+    ``device`` "cuda": parameters, gradients and state on the GPU (fp32, as the trainer keeps them), and every
+    timed step waits for the GPU before and after, so its time covers the kernels it launched.
 
     ``muon_layers`` > 0 times torch's and lmopt's Muon (the "matrices only" pair) on the hidden matrices of the
     first ``muon_layers`` layers instead of all: on a CPU without bf16 instructions, torch.optim.Muon's bf16
     Newton–Schulz takes minutes per qwen3-134m step. Every layer has the same shapes and torch's Muon works
     matrix by matrix, so its whole-model time is this one's x layers / muon_layers (the summary says so where it
     uses it)."""
+    dev = torch.device(device)
     torch.manual_seed(0)
     model = Qwen3(get_preset(preset).config)
     model.init_weights(0)
+    model.to(dev)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     candidates = _step_candidates(model, compiled, muon_layers)
-    baseline = _warm(BASELINE, candidates.pop(BASELINE), warmup, log)
+    baseline = _warm(BASELINE, candidates.pop(BASELINE), warmup, log, dev)
     candidates = {k: v for k, v in candidates.items() if not only or k in only}
     n_params = sum(p.numel() for p in model.parameters())
     base_state = state_bytes(baseline)
@@ -174,8 +198,9 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     for members in _interleaving_sets(list(candidates)):
         # One set at a time (all of them at once would not fit in memory on qwen3-134m), interleaved with the
         # baseline, whose median in the same set is the ratio's denominator.
-        optimizers = {name: _warm(name, candidates[name], warmup, log) for name in members}
-        times = _interleaved_times({BASELINE: baseline.step} | {n: o.step for n, o in optimizers.items()}, repeats)
+        optimizers = {name: _warm(name, candidates[name], warmup, log, dev) for name in members}
+        times = _interleaved_times({BASELINE: baseline.step} | {n: o.step for n, o in optimizers.items()}, repeats,
+                                   dev)
         base_times += times[BASELINE]
         for name, opt in optimizers.items():
             t, s = statistics.median(times[name]), state_bytes(opt)
@@ -184,16 +209,16 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
                           **paired_ratio_spread(times[name], times[BASELINE]),
                           "state_bytes": s, "state_bytes_per_param": s / n_params, "state_vs_adamw": s / base_state}
             if name in (profile or []):
-                profiles[name] = profile_table(opt.step)
+                profiles[name] = profile_table(opt.step, device=dev)
         del optimizers
     rows[BASELINE] = {"step_seconds": statistics.median(base_times), "time_vs_fused_adamw": 1.0,
                       "state_bytes": base_state, "state_bytes_per_param": base_state / n_params, "state_vs_adamw": 1.0}
     if BASELINE in (profile or []):
-        profiles[BASELINE] = profile_table(baseline.step)
+        profiles[BASELINE] = profile_table(baseline.step, device=dev)
     layers = len(model.layers)
     return {"preset": preset, "params": n_params, "repeats": repeats, "warmup": warmup, "layers": layers,
             "muon_pair_layers": min(muon_layers, layers) if muon_layers else layers,
-            **_machine(torch.get_num_threads()), "results": rows, "profiles": profiles}
+            **_machine(torch.get_num_threads(), dev), "results": rows, "profiles": profiles}
 
 
 def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len: int = 256,
@@ -310,11 +335,22 @@ def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: 
 
 
 def device_name(result: dict) -> str:
+    """``cpu-<threads>threads``, or ``cuda-<gpu name>`` (e.g. ``cuda-nvidia-h100-80gb-hbm3``)."""
+    if result.get("device") == "cuda":
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", result["gpu"].lower()).strip("-")
     return f"cpu-{result['threads']}threads"
 
 
 def _capability(result: dict) -> str:
     return f" ({result['cpu_capability']})" if result.get("cpu_capability") else ""
+
+
+def _machine_line(result: dict) -> str:
+    host = (f"torch {result['torch']}, {result['processor']}, {result['cpus']} CPUs{_capability(result)}, "
+            f"{result['threads']} threads")
+    if result.get("device") == "cuda":
+        return f"{result['gpu']} (CUDA {result['cuda']}); {host}; each timed step synchronized before and after"
+    return host
 
 
 def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -> Path:
@@ -323,8 +359,7 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
     stem = f"{device}-{result['preset']}"
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(result | {"command": command, "commit": commit}, indent=2))
     lines = [f"# Optimizer cost: `{result['preset']}` on {device}", "",
-             f"Made by `{command}` at commit `{commit}`; torch {result['torch']}, {result['processor']}, "
-             f"{result['cpus']} CPUs{_capability(result)}, {result['threads']} threads.", "",
+             f"Made by `{command}` at commit `{commit}`; {_machine_line(result)}.", "",
              f"## Optimizer step ({result['params']:,} parameters, gradients present)", "",
              f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps. "
              "*vs fused AdamW* is the ratio of the medians; *paired ratios* are each repeat over the baseline step "
@@ -339,8 +374,9 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
         lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_fused_adamw']:.2f}x | {spread} | "
                      f"{'—' if base is None else f'{base * 1e3:.1f} ms'} | "
                      f"{r['state_bytes_per_param']:.2f} | {r['state_vs_adamw']:.2f}x |")
+    clock = "GPU" if result.get("device") == "cuda" else "CPU"
     for name, table in result.get("profiles", {}).items():
-        lines += ["", f"### Where the time goes: `{name}` (one step, torch.profiler, self CPU time)", "",
+        lines += ["", f"### Where the time goes: `{name}` (one step, torch.profiler, self {clock} time)", "",
                   "| operator | calls | self time | share |", "|---|---:|---:|---:|"]
         lines += [f"| `{row['op']}` | {row['calls']} | {row['self_ms']:.1f} ms | {row['share']:.0%} |" for row in table]
     train = result.get("train_step")

@@ -49,6 +49,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def git_commit() -> str:
+    """The package's git commit (``-dirty`` with uncommitted tracked changes); without git (a copy of the tree,
+    e.g. on a lent GPU machine) ``$LMOPT_COMMIT`` if set, else "unknown"."""
     try:
         root = Path(lmopt.__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -56,7 +58,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("LMOPT_COMMIT", "unknown")
 
 
 def format_duration(seconds: float) -> str:

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The checks a lent GPU machine runs (the device tool; about 8 minutes on one H100), in order of value, each with
+# its own time limit so that a slow stage cannot take the rest with it:
+#   env        the GPU, torch and the packages lmopt needs
+#   step       lmopt bench step --device cuda on qwen3-134m's shapes (the GPU's optimizer-step table)
+#   overhead   lmopt bench overhead: AdamW, Spectra and Muon through lmopt train on qwen3-134m, bf16 autocast,
+#              torch.compile, 256 x 1,024 tokens per step (the gpu-134m suite's batch): the end-to-end overhead
+#   rehearsal  the gpu-134m suite's own settings under torchrun on NCCL (FSDP2, bf16, compile), straight and
+#              stopped half-way then resumed: the losses must agree bit for bit
+#   tests      the trainer's tests on the GPU (their device "auto" is CUDA there)
+# Everything goes to $OUT (default runs/gpu-checks) and is packed into $OUT/gpu-checks.tgz after every stage.
+# Run from the repository root with the prepared data under data/ (brown.bpe-8192, brown.qwen3, the packages);
+# LMOPT_COMMIT names the commit of a tree that travelled without its .git. A CPU smoke test of the script itself:
+#   DEVICE=cpu STEP_PRESET=nano E2E="preset=nano seq_len=64 batch_tokens=1024 eval_tokens=1024" E2E_STEPS=4 \
+#   TEST_SELECT=tests/train/test_trainer.py::test_resume_is_bit_exact PYTHON=.venv/bin/python scripts/gpu-checks.sh
+set -u
+OUT=${OUT:-runs/gpu-checks}
+W=$OUT/work
+mkdir -p "$W/results"
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1 LMOPT_DATA=$PWD/data LMOPT_RUNS=$W/runs
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+E2E=${E2E:-preset=qwen3-134m seq_len=1024 batch_tokens=262144 eval_tokens=32768}
+
+pack() { tar czf "$OUT/gpu-checks.tgz" -C "$W" . ; }
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s, $(date +%T))"
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  echo "rc=$?" >> "$W/$name.log"
+  tail -n "${TAIL:-20}" "$W/$name.log"
+  pack
+}
+
+stage env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, \
+torch.cuda.get_device_name())'; $PY -m pip list 2>/dev/null | grep -iE '^(torch|tokenizers|safetensors|rich|scipy|numpy|matplotlib) '"
+
+ROWS=("adamw (foreach)" muon "muon (gram)" lamb adafactor stable-adamw ortho-adam "ortho-adam (kronecker)" asm asa
+      msam amcs spectra "spectra (refresh every 10)" "spectra (refresh after the step)" "spectra (for-loop)"
+      "torch.optim.Muon (matrices only)" "lmopt muon (matrices only)")
+stage step "${STEP_LIMIT:-150}" $PY -m lmopt.cli bench step --device "$DEVICE" --preset "${STEP_PRESET:-qwen3-134m}" --repeats 15 \
+  --warmup 3 --train-preset none --no-compiled --profile spectra muon --only "${ROWS[@]}" --out "$W/results/step"
+
+# shellcheck disable=SC2086  # E2E is a list of KEY=VALUE words
+stage overhead "${OVERHEAD_LIMIT:-220}" $PY -m lmopt.cli bench overhead --optimizers adamw spectra muon \
+  --steps "${E2E_STEPS:-10}" --rounds 2 --set $E2E data=brown device="$DEVICE" dtype=bf16 compile=true \
+  log_interval=4 adamw.impl=fused --out "$W/results/overhead"
+
+stage rehearsal "${REHEARSAL_LIMIT:-90}" env DEVICE="$DEVICE" LMOPT_RUNS="$W/runs/rehearsal" $PY -m torch.distributed.run \
+  --standalone --nproc_per_node 1 tests/train/dist_worker.py rehearsal 8
+$PY - "$W/runs/rehearsal" > "$W/rehearsal-compare.txt" 2>&1 <<'EOF'
+import sys
+from pathlib import Path
+from lmopt.train.metrics import read_metrics
+runs = Path(sys.argv[1])
+losses = {name: [r["train_loss"] for r in read_metrics(runs / name / "metrics.jsonl") if r["event"] == "train"]
+          for name in ("rehearsal-straight", "rehearsal-resumed")}
+print(losses)
+print("resume bit-exact:", losses["rehearsal-straight"] == losses["rehearsal-resumed"])
+EOF
+cat "$W/rehearsal-compare.txt"
+pack
+
+stage tests "${TESTS_LIMIT:-90}" $PY -m pytest -q -x -p no:cacheprovider "${TEST_SELECT:-tests/train/test_trainer.py}"
+echo "== done ($(date +%T))"
