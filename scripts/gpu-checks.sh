@@ -8,7 +8,8 @@
 #   rehearsal  the gpu-134m suite's own settings under torchrun on NCCL (FSDP2, bf16, compile), straight and
 #              stopped half-way then resumed: the losses must agree bit for bit
 #   tests      the trainer's tests on the GPU (their device "auto" is CUDA there)
-# Everything goes to $OUT (default runs/gpu-checks) and is packed into $OUT/gpu-checks.tgz after every stage.
+# Each stage's log and the results tables (.md, .json) go to $OUT (default runs/gpu-checks), flat (the device
+# tool returns at most 8 files, 2 folders down); the runs stay in $OUT/work (not returned: their checkpoints).
 # Run from the repository root with the prepared data under data/ (brown.bpe-8192, brown.qwen3, the packages);
 # LMOPT_COMMIT names the commit of a tree that travelled without its .git. A CPU smoke test of the script itself:
 #   DEVICE=cpu STEP_PRESET=nano E2E="preset=nano seq_len=64 batch_tokens=1024 eval_tokens=1024" E2E_STEPS=4 \
@@ -22,14 +23,14 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 E2E=${E2E:-preset=qwen3-134m seq_len=1024 batch_tokens=262144 eval_tokens=32768}
 
-pack() { tar czf "$OUT/gpu-checks.tgz" -C "$W" . ; }
+pack() { find "$W/results" -name '*.md' -o -name '*.json' | tar czf "$OUT/results.tgz" -T - 2>/dev/null; }
 stage() {
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit}s, $(date +%T))"
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
-  echo "rc=$?" >> "$W/$name.log"
-  tail -n "${TAIL:-20}" "$W/$name.log"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$?" >> "$OUT/$name.log"
+  tail -n "${TAIL:-20}" "$OUT/$name.log"
   pack
 }
 
@@ -49,7 +50,7 @@ stage overhead "${OVERHEAD_LIMIT:-220}" $PY -m lmopt.cli bench overhead --optimi
 
 stage rehearsal "${REHEARSAL_LIMIT:-90}" env DEVICE="$DEVICE" LMOPT_RUNS="$W/runs/rehearsal" $PY -m torch.distributed.run \
   --standalone --nproc_per_node 1 tests/train/dist_worker.py rehearsal 8
-$PY - "$W/runs/rehearsal" > "$W/rehearsal-compare.txt" 2>&1 <<'EOF'
+$PY - "$W/runs/rehearsal" > "$OUT/rehearsal-compare.txt" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
 from lmopt.train.metrics import read_metrics
@@ -59,7 +60,7 @@ losses = {name: [r["train_loss"] for r in read_metrics(runs / name / "metrics.js
 print(losses)
 print("resume bit-exact:", losses["rehearsal-straight"] == losses["rehearsal-resumed"])
 EOF
-cat "$W/rehearsal-compare.txt"
+cat "$OUT/rehearsal-compare.txt"
 pack
 
 stage tests "${TESTS_LIMIT:-90}" $PY -m pytest -q -x -p no:cacheprovider "${TEST_SELECT:-tests/train/test_trainer.py}"

@@ -278,6 +278,23 @@ def test_spectra_batched_path_equals_the_per_matrix_update(shaping, refresh_inte
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("timing, power_iters", [("before", 1), ("after", 1), ("before", 2), ("after", 2)])
+@pytest.mark.parametrize("shaping", ["clip", "scale"])
+def test_spectra_stacked_gpu_path_equals_the_per_matrix_update(monkeypatch, timing, power_iters, shaping):
+    """The GPU's stacked "foreach" step (one batch per shape, multi-tensor writes), forced on the CPU here, against
+    the per-matrix update: the same math in another order (fp32 rounding only), refresh every other step."""
+    import lmopt.optim.spectra as spectra
+
+    monkeypatch.setattr(spectra, "stacks", lambda params: bool(params))
+    models = {impl: toy_model() for impl in ("foreach", "for-loop")}
+    for impl, model in models.items():
+        opt = make("spectra", model, impl=impl, shaping=shaping, refresh_interval=2, refresh_timing=timing,
+                   power_iters=power_iters, rank_fraction=0.2)
+        run(model, opt, 6)
+    for a, b in zip(params(models["foreach"]), params(models["for-loop"]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_asm_leaves_a_fused_qkv_matrix_alone_unless_told_and_says_so():
     from lmopt.optim.asm import asm_groups
 

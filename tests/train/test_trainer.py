@@ -181,7 +181,9 @@ def test_fingerprint_ignores_how_a_step_is_split_and_keeps_earlier_values():
 def test_micro_batches_and_recomputation_train_like_one_batch(runs_dir):
     """The same data per step whatever the split (so resuming with another split is allowed and exact up to
     summation order); recomputation changes nothing; MFU is reported when the peak FLOP/s is given."""
-    base = dict(NANO, steps=4, ckpt_interval=2, eval_interval=100)
+    # fp32: the claim is about summation order; in bf16 (device "auto" on a GPU) a split changes the rounding
+    # of every matmul (seen on an H100: 1.6e-4 relative at step 2)
+    base = dict(NANO, steps=4, ckpt_interval=2, eval_interval=100, dtype="fp32")
     Trainer(TrainConfig(**base, run_name="whole"), log=lambda _: None).run()
     split = Trainer(TrainConfig(**base, micro_batch_tokens=256, activation_checkpointing=True, peak_flops=1e12,
                                 run_name="split"), log=lambda _: None)

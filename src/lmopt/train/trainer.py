@@ -49,8 +49,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def git_commit() -> str:
-    """The package's git commit (``-dirty`` with uncommitted tracked changes); without git (a copy of the tree,
-    e.g. on a lent GPU machine) ``$LMOPT_COMMIT`` if set, else "unknown"."""
+    """The package's git commit (``-dirty`` with uncommitted tracked changes), or ``$LMOPT_COMMIT`` where it is
+    set: a copy of the tree on another machine (a lent GPU) whose ``.git``, if any, is not the tree's."""
+    if os.environ.get("LMOPT_COMMIT"):
+        return os.environ["LMOPT_COMMIT"]
     try:
         root = Path(lmopt.__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -58,7 +60,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("LMOPT_COMMIT", "unknown")
+        return "unknown"
 
 
 def format_duration(seconds: float) -> str:
