@@ -125,10 +125,11 @@ class Spectra(MatrixOptimizer):
         adamw_betas: (β1, β2) of the AdamW part (groups with ``matrix=False``), each in [0, 1).
         eps: the AdamW part's epsilon, added to the square root of its second moment (> 0).
         impl: "foreach" (the large products per matrix, the k-sized work batched per shape, no SVD after the
-            first step), "fused" (the same on CPU float32/float64 matrices, one C++ call for all of them, a
-            matrix per thread, see :meth:`_fused_step`; the kernels are built on first use, ~1-2 min once per
-            machine, and where they cannot be built "foreach" is used after a warning; other matrices take
-            "foreach") or "for-loop" (the update as written, one whole matrix at a time). FSDP2-sharded
+            first step; on a GPU each shape's matrices stacked into one batch, see :meth:`_stacked_step`),
+            "fused" (the same on CPU float32/float64 matrices, one C++ call for all of them, a matrix per
+            thread, see :meth:`_fused_step`; the kernels are built on first use, ~1-2 min once per machine,
+            and where they cannot be built "foreach" is used after a warning; other matrices take "foreach")
+            or "for-loop" (the update as written, one whole matrix at a time). FSDP2-sharded
             (DTensor) parameters always take "for-loop".
     """
 
