@@ -390,3 +390,18 @@ def test_the_search_sweeps_every_knob_before_revisiting_one():
     assert set(axes) == {0, 1, 2, 3} and axes == sorted(axes)  # one sweep, in order, no knob revisited early
     # moving along an improving knob continues on it before the next knob: lr 2e-3 then 4e-3
     assert [values_at(knobs, p)["lr"] for p in order[1:4]] == [5e-4, 2e-3, 4e-3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizers", "adamw", "nope"], "nope"),
+    (["--set", "nope.impl=fused"], "nope"),
+    (["--set", "preset=huge"], "huge"),
+    (["--set", "seq_len=0"], "seq_len"),
+])
+def test_bench_overhead_refuses_bad_input_before_training(tmp_path, monkeypatch, capsys, args, message):
+    from lmopt.cli import main
+
+    monkeypatch.setenv("LMOPT_RUNS", str(tmp_path / "runs"))
+    assert main(["bench", "overhead", *args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
