@@ -44,7 +44,7 @@ stage step "${STEP_LIMIT:-150}" $PY -m lmopt.cli bench step --device "$DEVICE" -
   --warmup 3 --train-preset none --no-compiled --profile spectra muon --only "${ROWS[@]}" --out "$W/results/step"
 
 # shellcheck disable=SC2086  # E2E is a list of KEY=VALUE words
-stage overhead "${OVERHEAD_LIMIT:-220}" $PY -m lmopt.cli bench overhead --optimizers adamw spectra muon \
+stage overhead "${OVERHEAD_LIMIT:-220}" $PY -m lmopt.cli bench overhead --optimizers ${E2E_OPTIMIZERS:-adamw spectra muon} \
   --steps "${E2E_STEPS:-10}" --rounds 2 --set $E2E data=brown device="$DEVICE" dtype=bf16 compile=true \
   log_interval=4 adamw.impl=fused --out "$W/results/overhead"
 

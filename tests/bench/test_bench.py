@@ -337,6 +337,7 @@ def test_end_to_end_overhead_trains_each_optimizer_through_the_trainer(tmp_path,
     rows = result["results"]
     assert rows["adamw"]["overhead"] == 0 and rows["adamw"]["impl"] == "fused" and rows["spectra"]["impl"]
     assert len(rows["spectra"]["round_medians"]) == 2 and rows["spectra"]["final_val_loss"] > 0
+    assert 0 < rows["spectra"]["optimizer_seconds"] < rows["spectra"]["step_seconds"]
     assert not (tmp_path / "runs").exists()  # the runs lived in a temporary folder
     text = write_overhead_results(result, tmp_path, "lmopt bench overhead", "abc").read_text()
     assert "| spectra | foreach |" in text and len(list(tmp_path.glob("cpu-*threads-nano.json"))) == 1

@@ -1,6 +1,7 @@
 """Machine-readable metrics: one JSON object per line in ``<run>/metrics.jsonl``.
 
-Records carry an ``event`` key: ``train`` (step, tokens, train_loss, lr, grad_norm, step_time, tokens_per_s,
+Records carry an ``event`` key: ``train`` (step, tokens, train_loss, lr, grad_norm, step_time, optimizer_time
+(the part of step_time from ``optimizer.step()`` to the step's end, the GPU waited for), tokens_per_s,
 elapsed), ``eval`` (step, tokens, val_loss), ``spectrum`` (step, tokens, mean spike fraction; the full
 measurement is in ``<run>/spectrum/``), ``diverged`` and ``end`` (the run's summary).
 """

@@ -127,6 +127,8 @@ class Trainer:
                                              if self.device.type == "cuda" else None)
         self._session_steps, self._session_seconds = 0, 0.0
         self._session_step_times: list[float] = []  # without the compilation step
+        self._session_optimizer_times: list[float] = []  # the same steps' optimizer.step + zero_grad + schedule
+        self._optimizer_started = 0.0
         self.step, self.tokens = 0, 0
         self.val_history: list[tuple[int, int, float]] = []
         self.resumed_from: Path | None = None
@@ -285,6 +287,7 @@ class Trainer:
         norm_value = grad_norm.item()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._diverged(loss_value, norm_value)
+        self._optimizer_started = time.perf_counter()  # the .item() reads above waited for the GPU
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -384,14 +387,17 @@ class Trainer:
         loss, grad_norm = self.train_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
+        end = time.perf_counter()
+        dt, optimizer_time = end - t0, end - self._optimizer_started
         self.step, self.tokens = self.step + 1, self.tokens + cfg.batch_tokens
         self._session_steps, self._session_seconds = self._session_steps + 1, self._session_seconds + dt
         if not compiling:
             self._session_step_times.append(dt)
+            self._session_optimizer_times.append(optimizer_time)
         lr = self.scheduler.get_last_lr()[0]
         self.record("train", step=self.step, tokens=self.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
-                           step_time=dt, **self._throughput(dt), elapsed=time.time() - start,
+                           step_time=dt, optimizer_time=optimizer_time, **self._throughput(dt),
+                           elapsed=time.time() - start,
                            **({"compile": True} if compiling else {}))
         if (self.step % cfg.log_interval == 0 or self.step == self.total_steps) and not self.live_progress:
             line = f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f}"
