@@ -32,15 +32,15 @@ PYTHONPATH="${MSAM_VARIANT_SRC:-$here}" .venv/bin/python -m lmopt.cli bench vari
     --name msam-gamma-previous --set optim.gamma_from=previous --jobs 2
 # issue 14: is any tuned knob's grid end hiding a better value? (one grid step further, held-out seeds)
 variant cpu-full --grid-ends
-# issue 19: faster settings at equal results, paired on cpu-full's held-out seeds
-variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
-variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
-variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
-variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
-variant cpu-full --report
 # issue 14: the model-size ladder
 bench run cpu-ladder-micro --jobs 2
 bench run cpu-ladder-small --jobs 2
 bench report cpu-ladder-micro
 bench report cpu-ladder-small
 bench ladder cpu-ladder
+# issue 19: faster settings at equal results, paired on cpu-full's held-out seeds
+variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
+variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
+variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
+variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
+variant cpu-full --report
