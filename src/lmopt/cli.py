@@ -274,20 +274,30 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     from lmopt.bench.overhead import run_overhead, write_overhead_results
     from lmopt.bench.variants import parse_setting
     from lmopt.registry import OPTIMIZERS
+    from lmopt.train import ConfigError
     from lmopt.train.config import TrainConfig
     from lmopt.train.trainer import git_commit
 
-    settings, options = {}, {}
+    settings, options, shared = {}, {}, {}
     for key, value in (parse_setting(s) for s in args.settings):
         head, _, option = key.partition(".")
-        if option:
+        if key == "optim":
+            raise ConfigError("bench overhead: set optimizer options one by one, as optim.KEY=VALUE (every "
+                              "optimizer) or OPTIMIZER.KEY=VALUE (one of them)")
+        if head == "optim" and option:
+            shared[option] = value
+        elif option:
             OPTIMIZERS.get(head)  # an unknown optimizer fails with the registry's list
+            if head not in args.optimizers:
+                raise ConfigError(f"bench overhead: {key} sets an option of {head!r}, which --optimizers does "
+                                  f"not list ({', '.join(args.optimizers)})")
             options.setdefault(head, {})[option] = value
         else:
             settings[key] = value
+    options = {name: shared | options.get(name, {}) for name in args.optimizers}
     for name in args.optimizers:  # unknown names and settings fail here, before anything trains
         OPTIMIZERS.get(name)
-        TrainConfig(**(settings | {"optimizer": name, "optim": options.get(name, {})}))
+        TrainConfig(**(settings | {"optimizer": name, "optim": options[name]}))
     result = run_overhead(settings, args.optimizers, args.steps, args.rounds, args.skip, options, log=_log)
     command = " ".join(["lmopt", *sys.argv[1:]])
     path = write_overhead_results(result, Path(args.out), command, git_commit())

@@ -343,6 +343,8 @@ def test_end_to_end_overhead_trains_each_optimizer_through_the_trainer(tmp_path,
     assert "| spectra | foreach |" in text and len(list(tmp_path.glob("cpu-*threads-nano.json"))) == 1
     with pytest.raises(ValueError, match="must exceed skip"):
         run_overhead(settings, ["adamw"], steps=2, skip=2)
+    with pytest.raises(ValueError, match="compilation step"):  # with compile, steps 3 and skip 2 time nothing
+        run_overhead(settings | {"compile": True}, ["adamw"], steps=3, skip=2)
 
 
 def test_gpu_jobs_get_disjoint_devices_and_the_dry_run_counts_the_protocol(monkeypatch):
@@ -398,6 +400,8 @@ def test_the_search_sweeps_every_knob_before_revisiting_one():
     (["--set", "nope.impl=fused"], "nope"),
     (["--set", "preset=huge"], "huge"),
     (["--set", "seq_len=0"], "seq_len"),
+    (["--set", 'optim={"impl": "fused"}'], "optim.KEY=VALUE"),
+    (["--optimizers", "adamw", "--set", "muon.impl=x"], "which --optimizers does not list"),
 ])
 def test_bench_overhead_refuses_bad_input_before_training(tmp_path, monkeypatch, capsys, args, message):
     from lmopt.cli import main

@@ -295,6 +295,26 @@ def test_spectra_stacked_gpu_path_equals_the_per_matrix_update(monkeypatch, timi
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_spectra_stacked_gpu_path_keeps_bf16_weights_like_the_batched_path(monkeypatch):
+    """bf16 matrices: the same decay (not rounded to bf16) and the update rounded once, as the batched path."""
+    import lmopt.optim.spectra as spectra
+
+    models = {}
+    for name, stacked in (("stacked", True), ("batched", False)):
+        monkeypatch.setattr(spectra, "stacks", lambda params, stacked=stacked: stacked and bool(params))
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(8, 24).bfloat16()) for _ in range(3)]
+        opt = Spectra(weights, lr=0.05, weight_decay=0.04, rank_fraction=0.2)
+        for step in range(5):
+            torch.manual_seed(step)
+            for w in weights:
+                w.grad = torch.randn_like(w)
+            opt.step()
+        models[name] = weights
+    for a, b in zip(models["stacked"], models["batched"], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_asm_leaves_a_fused_qkv_matrix_alone_unless_told_and_says_so():
     from lmopt.optim.asm import asm_groups
 

@@ -13,6 +13,7 @@ optimizer's step and the rest. Timings belong in results files, never in tests.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -40,11 +41,15 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
     from lmopt.train.config import TrainConfig
     from lmopt.train.trainer import Trainer
 
-    if steps <= skip:
-        raise ValueError(f"steps ({steps}) must exceed skip ({skip}): the first {skip} steps are not timed")
+    timed = steps - skip - (1 if settings.get("compile") else 0)  # the compilation step is never timed
+    if timed < 1:
+        raise ValueError(f"steps ({steps}) must exceed skip ({skip}) and, with compile, the compilation step: "
+                         f"no step would be timed")
     times: dict[str, list[list[float]]] = {name: [] for name in optimizers}
     details: dict[str, dict] = {}
     optimizer_times: dict[str, list[float]] = {}
+    rates: dict[str, dict] = {}
+    peaks: dict[str, list[float | None]] = {}
     with tempfile.TemporaryDirectory() as runs:
         previous = os.environ.get("LMOPT_RUNS")
         os.environ["LMOPT_RUNS"] = runs
@@ -54,20 +59,25 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
                     cfg = TrainConfig(**(settings | {"optimizer": name, "optim": (options or {}).get(name, {}),
                                                      "steps": steps, "eval_interval": steps, "ckpt_interval": 0,
                                                      "run_name": f"overhead-{name}-{r}"}))
+                    if torch.cuda.is_available():
+                        torch.cuda.reset_peak_memory_stats()  # each run's own peak, not the process's
                     trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
                     summary = trainer.run()
                     step_times = trainer._session_step_times[skip:]
                     times[name].append(step_times)
                     optimizer_times.setdefault(name, []).extend(trainer._session_optimizer_times[skip:])
+                    at_one_second = trainer._throughput(1.0)  # tokens/s and MFU scale as 1 / step time
+                    peaks.setdefault(name, []).append(at_one_second.pop("peak_memory_gib", None))
+                    rates[name] = at_one_second
                     details[name] = {"optimizer_class": type(trainer.optimizer).__name__,
                                      "impl": implementation(trainer.optimizer),
                                      "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
-                                     "final_val_loss": summary["final_val_loss"],
-                                     **{k: v for k, v in trainer._throughput(statistics.median(step_times)).items()}}
+                                     "final_val_loss": summary["final_val_loss"]}
                     log(f"round {r + 1}/{rounds} {name}: median step {statistics.median(step_times) * 1e3:.1f} ms "
                         f"({len(step_times)} steps)")
                     trainer.close()
                     del trainer
+                    gc.collect()  # the trainer holds reference cycles: free its model and state before the next
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
         finally:
@@ -85,7 +95,9 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
                       "vs_baseline": median / base_median,
                       "overhead": median / base_median - 1, "round_ratio_min": min(paired),
                       "round_ratio_max": max(paired), "round_medians": [statistics.median(t) for t in times[name]],
-                      **details[name]}
+                      **details[name], **{k: v / median for k, v in rates[name].items()}}
+        if None not in peaks[name]:
+            rows[name]["peak_memory_gib"] = max(peaks[name])
     device = "cuda" if settings.get("device") == "cuda" or (
         settings.get("device", "auto") == "auto" and torch.cuda.is_available()) else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else None

@@ -154,7 +154,7 @@ def _machine(threads: int, device: torch.device = CPU) -> dict:
 
 def profile_table(step: Callable[[], None], top: int = 8, device: torch.device = CPU) -> list[dict]:
     """Where one call of ``step`` spends its time: the ``top`` operators by self time (torch.profiler), CPU time
-    on a CPU and GPU kernel time on a GPU."""
+    on a CPU and, on a GPU, the kernels' GPU time (operators launch them and would count their time twice)."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = device.type == "cuda"
@@ -162,7 +162,12 @@ def profile_table(step: Callable[[], None], top: int = 8, device: torch.device =
         step()
         _synchronize(device)
     attribute = "self_device_time_total" if gpu else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    events = prof.key_averages()
+    if gpu:  # the kernels only: an operator and the ranges around it carry its kernels' time again
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+    events = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)
     total = sum(getattr(e, attribute) for e in events) or 1.0
     return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attribute) / 1e3,
              "share": getattr(e, attribute) / total} for e in events[:top]]

@@ -260,7 +260,8 @@ class Spectra(MatrixOptimizer):
         refresh's QR and the spike operator are one batched call each, and the parameters are written by two
         multi-tensor calls. One copy of the momenta per step (cheap next to GPU bandwidth), where one call per
         matrix would leave the GPU waiting on kernel launches (qwen3-134m's 84 matrices on an H100: 35 ms per
-        step, 19x fused AdamW, in results/gpu/h100-2026-11-26/step.log)."""
+        step, 19x fused AdamW, in results/gpu/h100-2026-11-26/step.log). The stacked copies (M and the update,
+        fp32) take twice the shape's momenta at the step's peak."""
         states = [self.state[p] for p in params]
         M = torch.stack(momenta).to(torch.promote_types(momenta[0].dtype, torch.float32))  # (b, rows, cols)
         wide = _is_wide(M[0])
@@ -277,7 +278,11 @@ class Spectra(MatrixOptimizer):
         M_energy = torch.linalg.vector_norm(M, dim=(-2, -1)).square()
         left, step_scale, decay = self._shaping_terms(group, M.shape[-2:], M_energy, bases, coords)
         update = (left @ coords if wide else coords.mT @ left.mT).addcmul_(M, step_scale.view(-1, 1, 1))
-        torch._foreach_mul_(params, decay)
+        if params[0].dtype in (torch.float32, torch.float64):
+            torch._foreach_mul_(params, decay)
+        else:  # a bf16/fp16 multi-tensor multiply may round the decay itself to the parameter's dtype
+            for p in params:
+                p.mul_(decay)
         torch._foreach_add_(params, list(update.unbind(0)))  # bf16 parameters: rounded once, when added
 
     def _refresh(self, group: dict, M: list[Tensor], states: list[dict], refresh: list[int],
