@@ -59,6 +59,10 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
                     cfg = TrainConfig(**(settings | {"optimizer": name, "optim": (options or {}).get(name, {}),
                                                      "steps": steps, "eval_interval": steps, "ckpt_interval": 0,
                                                      "run_name": f"overhead-{name}-{r}"}))
+                    if settings.get("compile"):
+                        # a fresh compilation per run (the on-disk caches keep it short): every run's model is a
+                        # new module, and dynamo's recompilation limit would otherwise fall back to eager
+                        torch._dynamo.reset()
                     if torch.cuda.is_available():
                         torch.cuda.reset_peak_memory_stats()  # each run's own peak, not the process's
                     trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
