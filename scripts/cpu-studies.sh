@@ -6,6 +6,7 @@
 #                                           come from one version of the training code; default: this tree)
 #   VARIANT_SRC=...                         the source the variant studies run with (default: this tree)
 #   MSAM_VARIANT_SRC=...                    the source of the MSAM variant (needs its gamma_from option)
+#   LADDER_SRC=...                          the source the ladder rungs run with (default: this tree)
 #   nohup scripts/cpu-studies.sh >> runs/cpu-studies.log 2>&1 &
 #
 # Stop it with `kill -TERM <pid of the lmopt bench process>` (the runner forwards the signal and waits);
@@ -32,15 +33,16 @@ PYTHONPATH="${MSAM_VARIANT_SRC:-$here}" .venv/bin/python -m lmopt.cli bench vari
     --name msam-gamma-previous --set optim.gamma_from=previous --jobs 2
 # issue 14: is any tuned knob's grid end hiding a better value? (one grid step further, held-out seeds)
 variant cpu-full --grid-ends
-# issue 14: the model-size ladder
-bench run cpu-ladder-micro --jobs 2
-bench run cpu-ladder-small --jobs 2
-bench report cpu-ladder-micro
-bench report cpu-ladder-small
-bench ladder cpu-ladder
 # issue 19: faster settings at equal results, paired on cpu-full's held-out seeds
 variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
 variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
 variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
 variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
 variant cpu-full --report
+# issue 14: the model-size ladder (rungs 2 and 3 may instead run on a lent GPU in strict fp32: finished runs skip)
+ladder() { PYTHONPATH="${LADDER_SRC:-$here}" .venv/bin/python -m lmopt.cli bench "$@"; }
+ladder run cpu-ladder-micro --jobs 2
+ladder run cpu-ladder-small --jobs 2
+ladder report cpu-ladder-micro
+ladder report cpu-ladder-small
+ladder ladder cpu-ladder
