@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from lmopt.bench.report import write_ladder_report, write_report
-from lmopt.bench.results import chosen_values, collect, compare, load_records
+from lmopt.bench.report import machines, write_ladder_report, write_report
+from lmopt.bench.results import chosen_values, collect, compare, load_records, off_path_tuning_runs, tuning_history
 from lmopt.bench.runner import BenchRunner, Slots, check_search_space
 from lmopt.bench.stats import budget_speedup, budget_speedup_text, curve_speedup, tokens_to_reach
 from lmopt.bench.suites import OWN_KNOBS, Suite, ladder_rungs, tuning_space
@@ -222,6 +222,7 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
     assert first_probe["config"]["weight_decay"] == start["weight_decay"]
     ladder = write_ladder_report("test-ladder", root=results)
     assert "test-rung1" in ladder.read_text() and (ladder.parent / "speedup_vs_size.png").exists()
+    assert "| cpu (CPU), torch " in ladder.read_text()  # the device each rung ran on
 
     ran = []
     BenchRunner(first, jobs=1, results_root=results, log=ran.append).run()
@@ -410,3 +411,50 @@ def test_bench_overhead_refuses_bad_input_before_training(tmp_path, monkeypatch,
     assert main(["bench", "overhead", *args, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().out
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_machines_names_the_device_of_every_run():
+    """A rung may run on a lent GPU: the report says which device each run used, counted."""
+    cpu = {"environment": {"device": "cpu", "device_name": "", "torch": "2.13.0+cpu"}}
+    gpu = {"environment": {"device": "cuda", "device_name": "NVIDIA H100", "torch": "2.9.0+cu128"}}
+    assert machines({"a": cpu, "b": cpu}) == "cpu (CPU), torch 2.13.0+cpu"
+    assert machines({"a": gpu, "b": cpu, "c": gpu}) == ("cpu (CPU), torch 2.13.0+cpu: 1 runs; "
+                                                        "cuda (NVIDIA H100), torch 2.9.0+cu128: 2 runs")
+
+
+def test_a_widened_grid_re_tunes_from_the_records():
+    """The tuning path is replayed on the current grids: after a knob's grid is widened (its end was chosen), the
+    replay keeps the records the new path shares with the old, stops at the first new probe, and counts the rest
+    as off the path; once the new probes have run, the choice is the new grid's."""
+    suite = Suite(name="t", description="t", preset="nano", optimizers=("muon",), tuning_budget=6, tol=0.0, **TINY)
+
+    def objective(v):  # optimum at momentum 0.6, beyond the narrow grid's end
+        return abs(v["optim.momentum"] - 0.6) + abs(math.log2(v["lr"] / 0.02))
+
+    def records_of(knobs, points_and_losses, first_probe=0):
+        return {f"r{first_probe + i}": {"config": {"optimizer": "muon", "seed": suite.tuning_seed,
+                                                   "steps": suite.steps},
+                                        "knobs": values_at(knobs, p), "probe": first_probe + i,
+                                        "end": {"final_val_loss": loss}}
+                for i, (p, loss) in enumerate(points_and_losses)}
+
+    def grid(momenta):
+        return (Knob("lr", (0.01, 0.02, 0.04), 0.02), Knob("optim.momentum", momenta, 0.95))
+
+    narrow, wide = grid((0.8, 0.9, 0.95)), grid((0.6, 0.8, 0.9, 0.95))
+    history, order = search(narrow, objective, suite.tuning_budget)
+    records = records_of(narrow, [(p, history[p]) for p in order])
+    assert tuning_history(suite, "muon", narrow, records) == (history, order)  # the same path, replayed
+
+    replayed, path = tuning_history(suite, "muon", wide, records)
+    shared = len(path)
+    assert 0 < shared < len(order)  # the prefix both grids share; then the first new probe has no record
+    assert [values_at(wide, p) for p in path] == [values_at(narrow, p) for p in order[:shared]]
+    assert next_probe(wide, replayed, path, suite.tuning_budget, suite.tol) is not None
+    assert values_at(wide, next_probe(wide, replayed, path, suite.tuning_budget, suite.tol))["optim.momentum"] == 0.6
+    assert off_path_tuning_runs(suite, "muon", wide, records) == len(order) - shared
+
+    new_history, new_order = search(wide, objective, suite.tuning_budget)
+    records |= records_of(wide, [(p, new_history[p]) for p in new_order[shared:]], first_probe=len(order))
+    assert tuning_history(suite, "muon", wide, records) == (new_history, new_order)
+    assert values_at(wide, incumbent(new_history, new_order, 0.0)) == {"lr": 0.02, "optim.momentum": 0.6}

@@ -197,3 +197,11 @@ def test_micro_batches_and_recomputation_train_like_one_batch(runs_dir):
     records = [r for r in read_metrics(runs_dir / "split" / "metrics.jsonl") if r["event"] == "train"]
     assert records[0]["mfu"] > 0 and "mfu" not in records[-1]  # the resumed session has no peak_flops
     assert summary["tokens_per_s"] > 0 and any("tok/s" in line and "ETA" in line for line in lines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a GPU setting")
+@pytest.mark.parametrize(("dtype", "precision"), [("fp32", "highest"), ("auto", "high")])
+def test_fp32_on_a_gpu_is_strict(runs_dir, dtype, precision):
+    """dtype fp32 asks for fp32 arithmetic: no TF32 tensor-core matmuls (the ladder's rungs may run on a GPU)."""
+    Trainer(TrainConfig(**NANO, steps=1, device="cuda", dtype=dtype, run_name=f"tf32-{dtype}"), log=lambda _: None)
+    assert torch.get_float32_matmul_precision() == precision

@@ -22,6 +22,7 @@ from lmopt.bench.results import (
     collect,
     compare,
     load_records,
+    off_path_tuning_runs,
     results_dir,
 )
 from lmopt.bench.step_summary import fastest_rows
@@ -155,7 +156,7 @@ def write_report(suite_name: str, root: Path | None = None, command: str | None 
     lines = _header(suite, records, command)
     lines += _leaderboard(suite, results, comparisons, step)
     lines += _claims_section(results, comparisons)
-    lines += _tuning_section(suite, results, root)
+    lines += _tuning_section(suite, results, records, root)
     plots = _plots(suite, results, comparisons, out_dir)
     lines += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in plots] + [""]
     path = out_dir / "leaderboard.md"
@@ -174,8 +175,7 @@ def _header(suite: Suite, records: dict, command: str | None) -> list[str]:
         suite.description.replace("\n", " "), "",
         f"- produced by: `{command or f'lmopt bench run {suite.name} && lmopt bench report {suite.name}'}`",
         f"- runs made at commit(s): {', '.join(f'`{c}`' for c in commits)}; {len(records)} stored runs",
-        f"- machine: {envs[0]['device']} ({envs[0]['device_name'] or 'CPU'}), torch {envs[0]['torch']}, "
-        f"{envs[0]['threads']} thread(s) per run",
+        f"- machine: {machines(records)}, {envs[0]['threads']} thread(s) per run",
         f"- model `{suite.preset}`: {resolved['params']:,} params ({resolved['non_embedding_params']:,} "
         f"non-embedding); data `{suite.data}`; {suite.steps} steps x {suite.batch_tokens:,} tokens = {tokens:,} "
         f"tokens = {resolved['epochs']:.2f} epochs = {tokens / resolved['params']:.2f} tokens/param; "
@@ -242,7 +242,7 @@ def _claims_section(results: dict, comparisons: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _tuning_section(suite: Suite, results: dict, root: Path | None = None) -> list[str]:
+def _tuning_section(suite: Suite, results: dict, records: dict, root: Path | None = None) -> list[str]:
     lines = ["## Tuning", "",
              f"Every optimizer: {suite.tuning_budget} runs on seed {suite.tuning_seed}. Sensitivity: final loss of "
              "the tuning runs that differ from the chosen configuration in one knob only (chosen value in bold; "
@@ -265,6 +265,8 @@ def _tuning_section(suite: Suite, results: dict, root: Path | None = None) -> li
             check = f" [one step further: {checks[(r.name, knob.key)]}]" if (r.name, knob.key) in checks else ""
             cells.append(f"{knob.label} ({'; '.join(items)}){' grid end' + check if edge else ''}")
         status = "" if r.tuning_complete else " (in progress)"
+        off_path = off_path_tuning_runs(suite, r.name, r.knobs, records)
+        status += f" (+{off_path} off the path: an earlier grid)" if off_path else ""
         lines.append(f"| `{r.name}` | {len(r.tuning)}{status} | {' · '.join(cells)} |")
     return [*lines, ""]
 
@@ -413,6 +415,18 @@ def _save(fig, path: Path) -> Path:
 # --- the ladder ----------------------------------------------------------------------------------------------------
 
 
+def machines(records: dict) -> str:
+    """The devices and torch builds a suite's runs used, with how many runs each (a rung may run on a GPU)."""
+    counts: dict[str, int] = {}
+    for record in records.values():
+        env = record["environment"]
+        key = f"{env['device']} ({env['device_name'] or 'CPU'}), torch {env['torch']}"
+        counts[key] = counts.get(key, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{key}: {n} runs" for key, n in sorted(counts.items()))
+
+
 def write_ladder_report(ladder: str, root: Path | None = None) -> Path:
     """results/<ladder>/ladder.md and speedup_vs_size.png: speedup vs AdamW against non-embedding parameters."""
     from lmopt.model import get_preset
@@ -426,7 +440,7 @@ def write_ladder_report(ladder: str, root: Path | None = None) -> Path:
         try:
             _results, comparisons, records = analyse(suite, root)
         except (FileNotFoundError, RuntimeError):
-            rows.append(f"| `{suite.name}` | `{suite.preset}` | {non_embedding / 1e6:.2f}M | — | — | not run yet |")
+            rows.append(f"| `{suite.name}` | `{suite.preset}` | {non_embedding / 1e6:.2f}M | — | — | — | not run yet |")
             continue
         epochs = next(iter(records.values()))["resolved"]["epochs"]
         cells = []
@@ -435,7 +449,8 @@ def write_ladder_report(ladder: str, root: Path | None = None) -> Path:
                 cells.append(f"`{name}` {_speedup_text(c)}")
                 series.setdefault(name, []).append((non_embedding, *c.speedup[:3]))
         rows.append(f"| `{suite.name}` | `{suite.preset}` | {non_embedding / 1e6:.2f}M of {params / 1e6:.2f}M | "
-                    f"{suite.tokens() / params:.2f} | {epochs:.2f} | {'; '.join(cells) or 'in progress'} |")
+                    f"{suite.tokens() / params:.2f} | {epochs:.2f} | {machines(records)} | "
+                    f"{'; '.join(cells) or 'in progress'} |")
     out_dir = results_dir(ladder, root)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = _ladder_plot(ladder, series, out_dir / "speedup_vs_size.png")
@@ -443,8 +458,9 @@ def write_ladder_report(ladder: str, root: Path | None = None) -> Path:
              f"Produced by `lmopt bench ladder {ladder}` from the rungs' records. Each rung's optimizers are "
              "tuned on that rung (see each suite's description for how coarsely) and compared with AdamW on "
              "held-out seeds; speedups from complete runs, geometric mean with a 95% interval.", "",
-             "| rung | preset | non-embedding params | tokens/param | epochs | speedup vs AdamW (complete runs) |",
-             "|---|---|---|---|---|---|", *rows, "", f"![speedup vs model size]({plot.name})", ""]
+             "| rung | preset | non-embedding params | tokens/param | epochs | runs on "
+             "| speedup vs AdamW (complete runs) |",
+             "|---|---|---|---|---|---|---|", *rows, "", f"![speedup vs model size]({plot.name})", ""]
     path = out_dir / "ladder.md"
     atomic_write_text(path, "\n".join(lines))
     return path

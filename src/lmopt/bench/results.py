@@ -51,8 +51,15 @@ def final_loss(record: dict) -> float:
 
 def tuning_history(suite: Suite, optimizer: str, knobs: tuple[Knob, ...],
                    records: dict[str, dict]) -> tuple[dict[Point, float], list[Point]]:
-    """(final loss of every tuned point, the points in the order the search ran them)."""
-    rows = []
+    """(final loss of every point on the search's path, those points in the order the search runs them).
+
+    The search is replayed from its start on the current grids: each next probe is taken from the records while
+    one exists at its values (a run's id is its values, so a finished run is reused wherever the path meets it),
+    and the replay stops at the first probe not run yet. Records off the path (from an earlier grid, say, before
+    a knob's grid was widened) are ignored, so a change of grid re-tunes from the records without a rerun of
+    what the new path shares with the old.
+    """
+    available: dict[Point, float] = {}
     for record in records.values():
         c = record["config"]
         if record["probe"] is None or (c["optimizer"], c["seed"], c["steps"]) != (optimizer, suite.tuning_seed,
@@ -60,9 +67,23 @@ def tuning_history(suite: Suite, optimizer: str, knobs: tuple[Knob, ...],
             continue
         point = point_of(knobs, record["knobs"])
         if point is not None:
-            rows.append((record["probe"], point, final_loss(record)))
-    rows.sort()
-    return {p: loss for _, p, loss in rows}, [p for _, p, _ in rows]
+            available[point] = final_loss(record)
+    history: dict[Point, float] = {}
+    order: list[Point] = []
+    while (probe := next_probe(knobs, history, order, suite.tuning_budget, suite.tol)) in available:
+        history[probe] = available[probe]
+        order.append(probe)
+    return history, order
+
+
+def off_path_tuning_runs(suite: Suite, optimizer: str, knobs: tuple[Knob, ...], records: dict[str, dict]) -> int:
+    """Tuning records of ``optimizer`` the replayed search does not use (e.g. made on a narrower grid)."""
+    history, _ = tuning_history(suite, optimizer, knobs, records)
+    used = {tuple(sorted(values_at(knobs, p).items())) for p in history}
+    return sum(1 for r in records.values()
+               if r["probe"] is not None and r["config"]["optimizer"] == optimizer
+               and r["config"]["seed"] == suite.tuning_seed and r["config"]["steps"] == suite.steps
+               and tuple(sorted(r["knobs"].items())) not in used)
 
 
 def knobs_for(suite: Suite, optimizer: str, root: Path | None = None) -> tuple[Knob, ...]:

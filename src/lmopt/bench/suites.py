@@ -27,7 +27,7 @@ from lmopt.registry import OPTIMIZERS, SUITES
 WEIGHT_DECAYS = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4)
 WARMUPS = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4)
 BETA2S = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
-MOMENTA = (0.8, 0.9, 0.95, 0.98)
+MOMENTA = (0.6, 0.8, 0.9, 0.95, 0.98)
 
 # Each optimizer's own knobs: its most important hyperparameter beyond lr, weight decay and warm-up (β2 for the
 # Adam family, the momentum of the orthogonalising ones, the new hyperparameter of each paper's optimizer).
@@ -184,21 +184,23 @@ register(Suite(
         "cpu-full (0.12 tokens/param). AdamW, Muon, Adafactor and every optimizer that beat AdamW on cpu-full,\n"
         "each starting from its cpu-full values, 6 tuning runs (lr and its own knob: coarser, stated), 3\n"
         "held-out seeds x 3 budgets. Plan: n x (6 + 3 x 1.75) run equivalents x ~270 s on one core (measured,\n"
-        "two runs at once): 5.1 core-hours for n = 6 (the three above and Spectra, LAMB, OrthoAdam)."
+        "two runs at once): 5.1 core-hours for n = 6 (the three above and Spectra, LAMB, OrthoAdam). dtype fp32\n"
+        "(strict, no TF32): the same precision on a CPU or, where one is lent, a GPU (`lmopt bench run` there);\n"
+        "the report names the device of every run."
     ),
     preset="micro", optimizers=LADDER_BASE, tuning_budget=6, seeds=(0, 1, 2), transfer_from="cpu-full",
-    rung_knobs=("lr", "own"), **CPU_RUNG,
+    rung_knobs=("lr", "own"), dtype="fp32", **CPU_RUNG,
 ))
 
 register(Suite(
     name="cpu-ladder-small",
     description=(
         "Ladder rung 3: small (d 256, 6 layers: 5.90M non-embedding of 8.00M params, 74%), same data and budget\n"
-        "(0.05 tokens/param), as rung 2. Plan: n x 11.25 run equivalents x ~600 s (measured): 11.3 core-hours\n"
-        "for n = 6."
+        "(0.05 tokens/param), as rung 2 (fp32 too). Plan: n x 11.25 run equivalents x ~600 s (measured): 11.3\n"
+        "core-hours for n = 6."
     ),
     preset="small", optimizers=LADDER_BASE, tuning_budget=6, seeds=(0, 1, 2), transfer_from="cpu-full",
-    rung_knobs=("lr", "own"), **CPU_RUNG,
+    rung_knobs=("lr", "own"), dtype="fp32", **CPU_RUNG,
 ))
 
 GPU_RUNG = dict(data="fineweb", seq_len=1024, batch_tokens=262144, grad_accum=8, eval_tokens=1_048_576,

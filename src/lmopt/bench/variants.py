@@ -134,6 +134,7 @@ class VariantResult:
     base: dict[int, float]
     finals: dict[int, float]
     step_time_ratio: float  # median over seeds of the variant's median step time / the base run's
+    stale: int = 0  # records made at another base configuration (before a re-tune), not used
 
 
 def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]:
@@ -146,11 +147,17 @@ def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]
         variant = Variant(meta["name"], meta["optimizer"], tuple(sorted(meta["set"].items())),
                           meta.get("purpose", "variant"))
         result = found.get(variant.optimizer)
-        records = load_records(folder.name, folder.parent)
+        every = load_records(folder.name, folder.parent)
+        # only runs at the current tuned configuration with the variant's change count (a re-tune leaves the
+        # earlier ones behind; a variant that the tuning has since chosen is no variant at all)
+        expected = result.chosen | dict(variant.settings) if result is not None and result.chosen else None
+        records = {k: r for k, r in every.items() if expected is not None and expected != result.chosen
+                   and r["knobs"] == expected}
         finals = {r["config"]["seed"]: final_loss(r) for r in records.values()
                   if r["config"]["steps"] == suite.steps and r["config"]["seed"] in suite.seeds}
         base = dict(result.finals) if result is not None else {}
-        out.append(VariantResult(variant, base, finals, _step_time_ratio(records, base_records, result, suite)))
+        out.append(VariantResult(variant, base, finals, _step_time_ratio(records, base_records, result, suite),
+                                 stale=len(every) - len(records)))
     return out
 
 
@@ -247,6 +254,10 @@ def write_variants_report(suite_name: str, root: Path | None = None) -> Path:
         f"seeds. Holm over this table.", "",
         variants_table(suite, [r for r in results if r.variant.purpose == "grid-end"]), "",
     ]
+    stale = [f"{r.variant.name} ({r.stale})" for r in results if r.stale]
+    if stale:
+        lines += [f"Not used: runs made at an earlier tuned configuration of their optimizer (before a re-tune), "
+                  f"or a variant the tuning has since chosen: {', '.join(stale)}.", ""]
     path = results_dir(suite_name, root) / "variants.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -97,7 +97,7 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda"""
     dtype: str = "auto"
-    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
+    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 (strict: no TF32 matmuls on a GPU) | bf16"""
     compile: bool = False
     """torch.compile the model, and the step of optimizers with a compiled path (unless optim sets impl)"""
     dist: str = "auto"

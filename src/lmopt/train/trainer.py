@@ -105,8 +105,8 @@ class Trainer:
             init_distributed(self.device)
             if cfg.spectrum_interval:
                 raise ConfigError("spectrum_interval is single-process only; use `lmopt spectrum` on a checkpoint")
-        if self.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (outside autocast)
+        if self.device.type == "cuda":  # TF32 tensor cores for fp32 matmuls, unless the run asks for strict fp32
+            torch.set_float32_matmul_precision("highest" if cfg.dtype == "fp32" else "high")
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.total_steps = cfg.num_steps()
