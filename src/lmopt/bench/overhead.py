@@ -73,6 +73,7 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
                     at_one_second = trainer._throughput(1.0)  # tokens/s and MFU scale as 1 / step time
                     peaks.setdefault(name, []).append(at_one_second.pop("peak_memory_gib", None))
                     rates[name] = at_one_second
+                    device = trainer.device.type  # as the trainer resolved it ("auto": a GPU where there is one)
                     details[name] = {"optimizer_class": type(trainer.optimizer).__name__,
                                      "impl": implementation(trainer.optimizer),
                                      "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
@@ -102,8 +103,6 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
                       **details[name], **{k: v / median for k, v in rates[name].items()}}
         if None not in peaks[name]:
             rows[name]["peak_memory_gib"] = max(peaks[name])
-    device = "cuda" if settings.get("device") == "cuda" or (
-        settings.get("device", "auto") == "auto" and torch.cuda.is_available()) else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     return {"settings": settings, "optimizers": optimizers, "options": options or {}, "steps": steps,
             "rounds": rounds, "skip": skip, "baseline": base, "device": device, "gpu": gpu,
