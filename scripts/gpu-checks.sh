@@ -9,6 +9,7 @@
 #              stopped half-way then resumed: the losses must agree bit for bit
 #   step-compiled  the per-tensor optimizers' compiled steps on the GPU
 #   tests      the trainer's tests on the GPU (their device "auto" is CUDA there)
+# STAGES (default: all, in this order) picks some, e.g. STAGES="env overhead".
 # Each stage's log and the results tables (.md, .json) go to $OUT (default runs/gpu-checks), flat (the device
 # tool returns at most 8 files, 2 folders down); the runs stay in $OUT/work (not returned: their checkpoints).
 # Run from the repository root with the prepared data under data/ (brown.bpe-8192, brown.qwen3, the packages);
@@ -25,9 +26,11 @@ DEVICE=${DEVICE:-cuda}
 E2E=${E2E:-preset=qwen3-134m seq_len=1024 batch_tokens=262144 eval_tokens=32768}
 
 pack() { find "$W/results" -name '*.md' -o -name '*.json' | tar czf "$OUT/results.tgz" -T - 2>/dev/null; }
+want() { [[ " ${STAGES:-env step overhead rehearsal step-compiled tests} " == *" $1 "* ]]; }
 stage() {
   local name=$1 limit=$2
   shift 2
+  want "$name" || return 0
   echo "== $name (limit ${limit}s, $(date +%T))"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$?" >> "$OUT/$name.log"
@@ -51,7 +54,7 @@ stage overhead "${OVERHEAD_LIMIT:-220}" $PY -m lmopt.cli bench overhead --optimi
 
 stage rehearsal "${REHEARSAL_LIMIT:-90}" env DEVICE="$DEVICE" LMOPT_RUNS="$W/runs/rehearsal" $PY -m torch.distributed.run \
   --standalone --nproc_per_node 1 tests/train/dist_worker.py rehearsal 8
-$PY - "$W/runs/rehearsal" > "$OUT/rehearsal-compare.txt" 2>&1 <<'EOF'
+want rehearsal && $PY - "$W/runs/rehearsal" > "$OUT/rehearsal-compare.txt" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
 from lmopt.train.metrics import read_metrics
@@ -61,7 +64,7 @@ losses = {name: [r["train_loss"] for r in read_metrics(runs / name / "metrics.js
 print(losses)
 print("resume bit-exact:", losses["rehearsal-straight"] == losses["rehearsal-resumed"])
 EOF
-cat "$OUT/rehearsal-compare.txt"
+want rehearsal && cat "$OUT/rehearsal-compare.txt"
 pack
 
 # the per-tensor optimizers' compiled steps (what `lmopt train --compile true` runs): eager they wait on kernel
