@@ -240,6 +240,16 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
     text = report.read_text()
     assert "| fp32-ns | muon | `optim.ns_dtype=\"float32\"`, `optim.ns_steps=5` | 2 |" in text
     assert write_variants_report(first.name, root=results).read_text() == text
+    # a run made at an earlier tuned configuration (before a re-tune) is left out, and said to be
+    folder = results / first.name / "variants" / "fp32-ns" / "runs"
+    lines = next(folder.glob("*.jsonl")).read_text().splitlines()
+    head = json.loads(lines[0])
+    head["knobs"]["lr"] *= 2
+    (folder / "earlier.jsonl").write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    [again] = load_variants(first, results)
+    assert again.finals == found_variant.finals and again.stale == 1
+    assert "Not used: " in write_variants_report(first.name, root=results).read_text()
+    (folder / "earlier.jsonl").unlink()
     ran = []
     VariantRunner(first, variant, results_root=results, log=ran.append).run()
     assert not any("final val loss" in line for line in ran)
