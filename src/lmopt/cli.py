@@ -222,6 +222,9 @@ def _add_bench_parser(sub) -> None:
     variant.add_argument("--set", dest="settings", nargs="+", metavar="KEY=VALUE", default=[],
                          help="changed settings, e.g. optim.ns_dtype=float32 optim.refresh_interval=10")
     variant.add_argument("--jobs", type=int, default=1, help="runs at once")
+    variant.add_argument("--extra-seeds", type=int, nargs="+", default=[], metavar="SEED",
+                         help="more paired seeds than the suite's held-out ones (the base configuration runs on "
+                              "them too): for a difference too small for the suite's seeds to settle")
     variant.add_argument("--report", action="store_true", help="only rewrite results/SUITE/variants.md")
     variant.add_argument("--grid-ends", action="store_true",
                          help="check every tuned knob that chose its grid's end: one grid step further, on the "
@@ -359,7 +362,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         elif not args.report:
             if not args.optimizer or not args.name:
                 raise ValueError("bench variant needs OPTIMIZER, --name and --set (or --report alone)")
-            variant = make_variant(SUITES.get(args.suite), args.optimizer, args.settings, args.name)
+            variant = make_variant(SUITES.get(args.suite), args.optimizer, args.settings, args.name,
+                                   tuple(args.extra_seeds))
             VariantRunner(SUITES.get(args.suite), variant, jobs=args.jobs, log=_log).run()
         _log(f"wrote {write_variants_report(args.suite)}")
         return 0

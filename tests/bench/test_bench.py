@@ -250,6 +250,14 @@ def test_a_tiny_suite_and_ladder_end_to_end(tmp_path, monkeypatch):
     assert again.finals == found_variant.finals and again.stale == 1
     assert "Not used: " in write_variants_report(first.name, root=results).read_text()
     (folder / "earlier.jsonl").unlink()
+    # more seeds than the suite holds out: the base configuration runs on them too, and they pair
+    more = make_variant(first, "muon", ["optim.ns_dtype=float32"], "fp32-more", extra_seeds=(7,))
+    VariantRunner(first, more, jobs=2, results_root=results, log=lambda _: None).run()
+    [fp32_more] = [v for v in load_variants(first, results) if v.variant.name == "fp32-more"]
+    assert set(fp32_more.finals) == set(fp32_more.base) == {0, 1, 7} and fp32_more.stale == 0
+    assert fp32_more.base[0] == found_variant.base[0]  # the suite's own run where it has one
+    with pytest.raises(ValueError, match="must be new and distinct seeds"):
+        make_variant(first, "muon", ["optim.ns_dtype=float32"], "x", extra_seeds=(1,))
     ran = []
     VariantRunner(first, variant, results_root=results, log=ran.append).run()
     assert not any("final val loss" in line for line in ran)

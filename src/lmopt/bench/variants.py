@@ -3,7 +3,9 @@
 A variant is one optimizer of a finished suite with some options changed (``--set optim.ns_dtype=float32``, a
 faster Newton–Schulz, a longer Spectra refresh interval): it is trained at the configuration the suite's tuning
 chose for that optimizer, on the suite's held-out seeds at the full budget, and compared per seed with the
-suite's own held-out runs of that configuration (same seeds: same initial weights and batches).
+suite's own held-out runs of that configuration (same seeds: same initial weights and batches). ``--extra-seeds``
+adds paired seeds beyond the suite's, on which the base configuration runs too (in the variant's folder), for a
+difference too small for the suite's seeds to settle.
 
 Records go to ``results/<suite>/variants/<name>/runs/`` (the same record format as the suite's, run by the same
 :class:`~lmopt.bench.runner.BenchRunner`); ``results/<suite>/variants.md`` holds one row per variant:
@@ -42,10 +44,15 @@ class Variant:
     optimizer: str
     settings: tuple[tuple[str, object], ...]  # knob key ("optim.NAME" or a train setting) -> value, sorted
     purpose: str = "variant"  # or "grid-end": one knob one step past the end of its tuning grid
+    extra_seeds: tuple[int, ...] = ()  # more seeds than the suite's held-out ones: base and variant run on them
 
     def to_json(self) -> str:
+        extra = {"extra_seeds": list(self.extra_seeds)} if self.extra_seeds else {}
         return json.dumps({"name": self.name, "optimizer": self.optimizer, "set": dict(self.settings),
-                           "purpose": self.purpose}, indent=1)
+                           "purpose": self.purpose, **extra}, indent=1)
+
+    def seeds(self, suite: Suite) -> tuple[int, ...]:
+        return (*suite.seeds, *self.extra_seeds)
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -60,7 +67,8 @@ def parse_setting(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def make_variant(suite: Suite, optimizer: str, settings: list[str], name: str) -> Variant:
+def make_variant(suite: Suite, optimizer: str, settings: list[str], name: str,
+                 extra_seeds: tuple[int, ...] = ()) -> Variant:
     """Check a variant before anything runs: a known optimizer of the suite, options the optimizer accepts."""
     if not name or not set(name) <= NAME_CHARS:
         raise ValueError(f"variant name {name!r}: use lowercase letters, digits, '-', '_' or '.'")
@@ -72,7 +80,11 @@ def make_variant(suite: Suite, optimizer: str, settings: list[str], name: str) -
         if key.startswith("optim.") and key.split(".")[1] not in spec_.defaults:
             raise ValueError(f"{optimizer} has no option {key.split('.')[1]!r}; its options: "
                              f"{', '.join(sorted(spec_.defaults))}")
-    return Variant(name, optimizer, tuple(sorted(pairs.items())))
+    clash = sorted(set(extra_seeds) & {*suite.seeds, suite.tuning_seed})
+    if clash or len(set(extra_seeds)) != len(extra_seeds):
+        raise ValueError(f"--extra-seeds must be new and distinct seeds: {clash or list(extra_seeds)} "
+                         f"(the suite holds out {list(suite.seeds)} and tunes on {suite.tuning_seed})")
+    return Variant(name, optimizer, tuple(sorted(pairs.items())), extra_seeds=tuple(extra_seeds))
 
 
 def grid_end_variants(suite: Suite, root: Path | None = None) -> list[Variant]:
@@ -124,7 +136,9 @@ class VariantRunner(BenchRunner):
 
     def pipeline(self, optimizer: str) -> None:
         values = self.base | dict(self.variant.settings)
-        runs = [spec(optimizer, values, seed, self.suite.steps) for seed in self.suite.seeds]
+        runs = [spec(optimizer, values, seed, self.suite.steps) for seed in self.variant.seeds(self.suite)]
+        # on extra seeds the suite has no runs of its own: the base configuration runs here too, to pair with
+        runs += [spec(optimizer, self.base, seed, self.suite.steps) for seed in self.variant.extra_seeds]
         self.run_independent(runs, f"variant {self.variant.name}", priority=0)
 
 
@@ -145,20 +159,31 @@ def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]
     for folder in sorted(p for p in variants_root(suite.name, root).glob("*") if (p / "variant.json").exists()):
         meta = json.loads((folder / "variant.json").read_text())
         variant = Variant(meta["name"], meta["optimizer"], tuple(sorted(meta["set"].items())),
-                          meta.get("purpose", "variant"))
+                          meta.get("purpose", "variant"), tuple(meta.get("extra_seeds", ())))
         result = found.get(variant.optimizer)
         every = load_records(folder.name, folder.parent)
         # only runs at the current tuned configuration with the variant's change count (a re-tune leaves the
         # earlier ones behind; a variant that the tuning has since chosen is no variant at all)
-        expected = result.chosen | dict(variant.settings) if result is not None and result.chosen else None
-        records = {k: r for k, r in every.items() if expected is not None and expected != result.chosen
-                   and r["knobs"] == expected}
-        finals = {r["config"]["seed"]: final_loss(r) for r in records.values()
-                  if r["config"]["steps"] == suite.steps and r["config"]["seed"] in suite.seeds}
+        chosen = result.chosen if result is not None else {}
+        expected = chosen | dict(variant.settings)
+        if not chosen or expected == chosen:  # untuned, or a variant the tuning has since chosen: none count
+            records, extra_base = {}, {}
+        else:
+            records = _runs_at(every, expected, variant.seeds(suite), suite.steps)
+            extra_base = _runs_at(every, chosen, variant.extra_seeds, suite.steps)
+        finals = {r["config"]["seed"]: final_loss(r) for r in records.values()}
         base = dict(result.finals) if result is not None else {}
-        out.append(VariantResult(variant, base, finals, _step_time_ratio(records, base_records, result, suite),
-                                 stale=len(every) - len(records)))
+        base |= {r["config"]["seed"]: final_loss(r) for r in extra_base.values()}
+        out.append(VariantResult(variant, base, finals, _step_time_ratio(records, base_records | extra_base,
+                                                                          result, suite),
+                                 stale=len(every) - len(records) - len(extra_base)))
     return out
+
+
+def _runs_at(records: dict, values: dict, seeds: tuple[int, ...], steps: int) -> dict:
+    """The full-budget runs among ``records`` at these knob values and seeds."""
+    return {k: r for k, r in records.items()
+            if r["knobs"] == values and r["config"]["steps"] == steps and r["config"]["seed"] in seeds}
 
 
 def _step_time_ratio(records: dict, base_records: dict, result, suite: Suite) -> float:
@@ -239,7 +264,8 @@ def write_variants_report(suite_name: str, root: Path | None = None) -> Path:
         f"commit(s) {', '.join(commits) or '—'}.", "",
         f"Each variant is its optimizer at the configuration the suite's tuning chose, with the listed options "
         f"changed, on the held-out seeds {list(suite.seeds)} at the full budget ({suite.tokens():,} tokens), paired "
-        f"by seed with the suite's own runs of that configuration. Equivalent: the 90% interval of the mean "
+        f"by seed with the suite's own runs of that configuration (a row with more seeds ran them with `--extra-"
+        f"seeds`, the base configuration too). Equivalent: the 90% interval of the mean "
         f"difference lies inside ±{suite.tol:g} nats (the suite's seed-noise tolerance; two one-sided tests at 5%). "
         f"Holm's correction is over this table's rows. Step times are the runs' median training step, measured "
         f"while other runs shared the machine: a rough indication only (`lmopt bench step` measures speed).", "",
