@@ -37,6 +37,8 @@ variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
 variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
 variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
 variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
+# issue 19: MSAM's one-pass option needs more seeds to show equivalence (or not): 5 more, paired
+variant cpu-full msam --name msam-gamma-previous --set optim.gamma_from=previous --extra-seeds 5 6 7 8 9
 variant cpu-full --report
 # issue 14: the model-size ladder (rungs 2 and 3 may instead run on a lent GPU in strict fp32: finished runs skip)
 ladder() { PYTHONPATH="${LADDER_SRC:-$here}" .venv/bin/python -m lmopt.cli bench "$@"; }
