@@ -476,3 +476,17 @@ def test_a_widened_grid_re_tunes_from_the_records():
     records |= records_of(wide, [(p, new_history[p]) for p in new_order[shared:]], first_probe=len(order))
     assert tuning_history(suite, "muon", wide, records) == (new_history, new_order)
     assert values_at(wide, incumbent(new_history, new_order, 0.0)) == {"lr": 0.02, "optim.momentum": 0.6}
+
+
+def test_a_speedup_known_only_as_a_bound_on_every_seed_says_so():
+    from lmopt.bench.report import _speedup_text
+    from lmopt.bench.results import Comparison
+
+    every = Comparison("muon", "adamw", diff=None, speedups={0: 4.0, 1: 4.0}, bounds={0: ">", 1: ">"},
+                       speedup=(4.0, 4.0, 4.0, 2))
+    assert _speedup_text(every) == "≥ 4.00x (n=2; every seed a bound)"
+    some = Comparison("muon", "adamw", diff=None, speedups={0: 4.0, 1: 3.0}, bounds={0: ">"},
+                      speedup=(3.46, 1.0, 12.0, 2))
+    assert _speedup_text(some) == "3.46x [1.00, 12.00] (n=2; 1 bound)"
+    below = Comparison("adamw", "muon", diff=None, speedups={0: 0.25}, bounds={0: "<"}, speedup=(0.25, 0.25, 0.25, 1))
+    assert _speedup_text(below).startswith("≤ 0.25x")

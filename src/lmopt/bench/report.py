@@ -60,6 +60,9 @@ def _speedup_text(c: Comparison | None) -> str:
         return "—"
     point, low, high, n = c.speedup
     bounds = f"; {len(c.bounds)} bound" if c.bounds else ""
+    sides = set(c.bounds.values())
+    if len(c.bounds) == n and len(sides) == 1:  # every seed only a bound: the budgets run cannot say more
+        return f"{'≥' if sides == {'>'} else '≤'} {point:.2f}x (n={n}; every seed a bound)"
     return f"{point:.2f}x [{_fmt(low, '.2f')}, {_fmt(high, '.2f')}] (n={n}{bounds})"
 
 
@@ -77,7 +80,9 @@ def claim_verdicts(results: dict[str, OptimizerResult], comparisons: dict[str, d
                                            "parameter model"])
             continue
         if c is None:
-            rows.append([claim, "—", None, "not testable yet: not both run on the held-out seeds"])
+            missing = [name for name in (claim.optimizer, claim.versus) if name not in results]
+            rows.append([claim, "—", None, f"not run here: {', '.join(missing)}" if missing else
+                         "not testable yet: not both run on the held-out seeds"])
             continue
         result = _claim_quantity(claim, c)
         rows.append([claim, _measured_text(claim, c), None, ""])
@@ -447,7 +452,9 @@ def write_ladder_report(ladder: str, root: Path | None = None) -> Path:
         for name, c in sorted(comparisons["adamw"].items()):
             if c.speedups:
                 cells.append(f"`{name}` {_speedup_text(c)}")
-                series.setdefault(name, []).append((non_embedding, *c.speedup[:3]))
+                every_bound = len(c.bounds) == c.speedup[3] and len(set(c.bounds.values())) == 1
+                side = next(iter(c.bounds.values())) if every_bound else ""
+                series.setdefault(name, []).append((non_embedding, *c.speedup[:3], side))
         rows.append(f"| `{suite.name}` | `{suite.preset}` | {non_embedding / 1e6:.2f}M of {params / 1e6:.2f}M | "
                     f"{suite.tokens() / params:.2f} | {epochs:.2f} | {machines(records)} | "
                     f"{'; '.join(cells) or 'in progress'} |")
@@ -483,12 +490,21 @@ def _ladder_plot(ladder: str, series: dict, path: Path) -> Path:
         s = style[name]
         ax.errorbar(x, y, yerr=[low, high], label=name, color=s["color"], linestyle=s["linestyle"],
                     marker=s["marker"], capsize=3)
+        for p in points:  # a rung where every seed gave only a bound: an arrowhead on it, pointing the open way
+            if p[4]:
+                ax.plot([p[0]], [p[1]], marker="^" if p[4] == ">" else "v", markersize=12, color=s["color"],
+                        fillstyle="none")
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("speedup vs AdamW (complete runs)")
-    ax.set_title(f"{ladder}: speedup vs model size (95% intervals over held-out seeds)")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x" if v in (0.5, 2, 3, 5) else ""))
+    ax.set_title(f"{ladder}: speedup vs model size (95% intervals over held-out seeds;\n"
+                 "open arrowheads: only a bound, every seed past the budgets run)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     if series:
         ax.legend(fontsize=8)
