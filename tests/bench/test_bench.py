@@ -490,3 +490,15 @@ def test_a_speedup_known_only_as_a_bound_on_every_seed_says_so():
     assert _speedup_text(some) == "3.46x [1.00, 12.00] (n=2; 1 bound)"
     below = Comparison("adamw", "muon", diff=None, speedups={0: 0.25}, bounds={0: "<"}, speedup=(0.25, 0.25, 0.25, 1))
     assert _speedup_text(below).startswith("≤ 0.25x")
+
+
+def test_a_grid_end_check_is_superseded_once_the_grid_holds_its_value():
+    from types import SimpleNamespace
+
+    from lmopt.bench.variants import Variant, _inside_grid
+
+    check = Variant("edge-muon-momentum-0.6", "muon", (("optim.momentum", 0.6),), purpose="grid-end")
+    narrow = SimpleNamespace(knobs=(Knob("optim.momentum", (0.8, 0.9), 0.9),))
+    wide = SimpleNamespace(knobs=(Knob("optim.momentum", (0.6, 0.8, 0.9), 0.9),))
+    assert not _inside_grid(check, narrow) and _inside_grid(check, wide)
+    assert not _inside_grid(Variant("v", "muon", (("optim.momentum", 0.6),)), wide)  # only grid-end checks

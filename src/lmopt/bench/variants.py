@@ -149,6 +149,7 @@ class VariantResult:
     finals: dict[int, float]
     step_time_ratio: float  # median over seeds of the variant's median step time / the base run's
     stale: int = 0  # records made at another base configuration (before a re-tune), not used
+    superseded: bool = False  # a grid-end check whose value a widened grid now holds: no longer beyond an end
 
 
 def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]:
@@ -176,8 +177,17 @@ def load_variants(suite: Suite, root: Path | None = None) -> list[VariantResult]
         base |= {r["config"]["seed"]: final_loss(r) for r in extra_base.values()}
         out.append(VariantResult(variant, base, finals, _step_time_ratio(records, base_records | extra_base,
                                                                           result, suite),
-                                 stale=len(every) - len(records) - len(extra_base)))
+                                 stale=len(every) - len(records) - len(extra_base),
+                                 superseded=_inside_grid(variant, result)))
     return out
+
+
+def _inside_grid(variant: Variant, result) -> bool:
+    """A grid-end check whose value is now on its knob's grid (the grid was widened after the check)."""
+    if variant.purpose != "grid-end" or result is None:
+        return False
+    (key, value), = variant.settings
+    return any(knob.key == key and value in knob.values for knob in result.knobs)
 
 
 def _runs_at(records: dict, values: dict, seeds: tuple[int, ...], steps: int) -> dict:
@@ -245,7 +255,7 @@ def variants_table(suite: Suite, results: list[VariantResult]) -> str:
 
 def grid_end_verdicts(suite: Suite, root: Path | None = None) -> dict[tuple[str, str], str]:
     """(optimizer, knob key) -> the verdict of its grid-end check, for the checks that have run."""
-    checks = [r for r in load_variants(suite, root) if r.variant.purpose == "grid-end"]
+    checks = [r for r in load_variants(suite, root) if r.variant.purpose == "grid-end" and not r.superseded]
     return {(r.variant.optimizer, r.variant.settings[0][0]): verdict
             for r, diff, _p, verdict in judged(suite, checks) if diff is not None}
 
@@ -278,9 +288,10 @@ def write_variants_report(suite_name: str, root: Path | None = None) -> Path:
         f"(its leaderboard row is then not its best); **worse** or **equivalent** means the grid end costs "
         f"nothing measurable. A check, not a choice: the chosen configuration never changes on the reporting "
         f"seeds. Holm over this table.", "",
-        variants_table(suite, [r for r in results if r.variant.purpose == "grid-end"]), "",
+        variants_table(suite, [r for r in results if r.variant.purpose == "grid-end" and not r.superseded]), "",
     ]
-    stale = [f"{r.variant.name} ({r.stale})" for r in results if r.stale]
+    stale = [f"{r.variant.name} ({r.stale}{'; its value is now on the widened grid' if r.superseded else ''})"
+             for r in results if r.stale]
     if stale:
         lines += [f"Not used: runs made at an earlier tuned configuration of their optimizer (before a re-tune), "
                   f"or a variant the tuning has since chosen: {', '.join(stale)}.", ""]
