@@ -205,3 +205,13 @@ def test_fp32_on_a_gpu_is_strict(runs_dir, dtype, precision):
     """dtype fp32 asks for fp32 arithmetic: no TF32 tensor-core matmuls (the ladder's rungs may run on a GPU)."""
     Trainer(TrainConfig(**NANO, steps=1, device="cuda", dtype=dtype, run_name=f"tf32-{dtype}"), log=lambda _: None)
     assert torch.get_float32_matmul_precision() == precision
+
+
+def test_runs_record_the_cpu_and_its_bf16_support(runs_dir):
+    """Muon's ns_dtype "auto" is bf16 on a CPU with native bf16 and fp32 on one without: the record says which."""
+    from lmopt.optim.kernels import fast_matmul_dtype
+
+    trainer = Trainer(TrainConfig(**NANO, steps=1, run_name="cpu-info"), log=lambda _: None)
+    cpu = json.loads((trainer.run_dir / "config.json").read_text())["environment"]["cpu"]
+    native = fast_matmul_dtype(torch.device("cpu")) == torch.bfloat16
+    assert cpu.endswith("(native bf16)" if native else "(no native bf16)") and len(cpu) > len(" (native bf16)")

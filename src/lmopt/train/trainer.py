@@ -27,6 +27,7 @@ import lmopt
 from lmopt.data import eval_batches
 from lmopt.data.paths import atomic_write_text, runs_home
 from lmopt.model.parallelize import gradient_sync, init_distributed, parallelize, resolve_mode, world_from_env
+from lmopt.optim.kernels import fast_matmul_dtype
 from lmopt.train.build import load_data, make_loader, make_model, make_optimizer, make_scheduler
 from lmopt.train.callbacks import Callback, ProgressBar, make_loggers, wants_bar
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -69,6 +70,17 @@ def format_duration(seconds: float) -> str:
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
+
+
+def cpu_description() -> str:
+    """The CPU's model and whether it multiplies bf16 natively (what ``ns_dtype="auto"`` and the like depend on:
+    the same run resolves differently on an AVX2 CPU and on one with AVX-512 BF16 or AMX)."""
+    name = ""
+    with contextlib.suppress(OSError):
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "")
+    native = fast_matmul_dtype(torch.device("cpu")) == torch.bfloat16
+    return f"{name or platform.processor() or platform.machine()} ({'native' if native else 'no native'} bf16)"
 
 class Trainer:
     """One run: built from its config (lmopt.train.build), then the loop. ``callbacks`` (rank 0 only) see every
@@ -218,6 +230,7 @@ class Trainer:
                 "peak_flops": self.peak_flops,
                 "threads": torch.get_num_threads(),
                 "python": platform.python_version(),
+                "cpu": cpu_description(),
             },
         }
         if self.is_main:
