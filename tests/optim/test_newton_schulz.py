@@ -161,8 +161,9 @@ def test_every_form_of_ns_coefficients_passes_the_registry_and_a_train_config():
 def test_the_gram_space_iteration_is_the_same_iteration(real_gradients, coefficients):
     """Exactly the plain iteration in float64; in fp32, its rounding on real gradients stays far below the bf16
     rounding torch.optim.Muon accepts. Measured (relative to float64): ~1e-5 on Gaussian matrices; on these
-    gradients 5e-5 to 7e-4 (1.5e-3 with Polar Express, whose large first coefficients amplify it), against 2e-2
-    to 2e-1 for bf16 and ~1e-5 for the plain fp32 iteration. Batched, tall and wide alike."""
+    gradients 5e-5 to 7e-4 (1.5e-3 with Polar Express, whose large first coefficients amplify it, on an AVX2 CPU;
+    3.0e-3 on an AVX-512/AMX one), against 2e-2 to 2e-1 for bf16 and ~1e-5 for the plain fp32 iteration. Batched,
+    tall and wide alike."""
     for G in real_gradients:
         plain = newton_schulz(G, coefficients=coefficients, dtype=torch.float64)
         exact = newton_schulz_gram(G, coefficients=coefficients, dtype=torch.float64)
@@ -170,7 +171,7 @@ def test_the_gram_space_iteration_is_the_same_iteration(real_gradients, coeffici
         fp32 = newton_schulz_gram(G.float(), coefficients=coefficients, dtype=torch.float32).double()
         bf16 = newton_schulz(G.float(), coefficients=coefficients, dtype=torch.bfloat16).double()
         gram_error = ((fp32 - plain).norm() / plain.norm()).item()
-        assert gram_error < 3e-3 and gram_error < ((bf16 - plain).norm() / plain.norm()).item() / 10
+        assert gram_error < 5e-3 and gram_error < ((bf16 - plain).norm() / plain.norm()).item() / 10
     batch = torch.stack([real_gradients[0], real_gradients[0].flip(0)])
     assert torch.allclose(newton_schulz_gram(batch, dtype=torch.float64)[1],
                           newton_schulz_gram(batch[1], dtype=torch.float64), atol=1e-12)

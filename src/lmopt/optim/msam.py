@@ -25,9 +25,9 @@ Our choices where the text is silent:
   step earlier (γ_t from g_{t-1} and m^s_{t-2}; 0 at the first two steps), which the update's own pass can
   compute, so that the fused step reads each operand once: 9 operand reads and writes to AdamW's 7, against 11
   with ``"current"`` (whose γ needs a pass over g and m^s before the update). A per-tensor stability statistic
-  that drifts slowly, one step older. Its final loss on cpu-full's held-out seeds: Δ -0.003 nats [-0.018, +0.011]
-  against ``"current"`` (results/cpu-full/variants.md): no difference found, equivalence within ±0.01 not shown,
-  so the natural reading stays the default.
+  that drifts slowly, one step older. Its final loss on 10 paired seeds of cpu-full: Δ -0.0043 nats [-0.0105,
+  +0.0019] against ``"current"`` (results/cpu-full/variants.md), equivalent within ±0.01; the natural reading
+  stays the default until the FSDP path of ``"previous"`` is checked (docs/optimizers.md).
 - β3 = 0.999 (Adam's default); the paper's "learning rates based on layer type" are not specified, so all
   roles share the lr.
 Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 for bf16), 1.5x AdamW's.
