@@ -60,11 +60,7 @@ def tuning_history(suite: Suite, optimizer: str, knobs: tuple[Knob, ...],
     what the new path shares with the old.
     """
     available: dict[Point, float] = {}
-    for record in records.values():
-        c = record["config"]
-        if record["probe"] is None or (c["optimizer"], c["seed"], c["steps"]) != (optimizer, suite.tuning_seed,
-                                                                                   suite.steps):
-            continue
+    for record in tuning_records(suite, optimizer, records):
         point = point_of(knobs, record["knobs"])
         if point is not None:
             available[point] = final_loss(record)
@@ -76,14 +72,18 @@ def tuning_history(suite: Suite, optimizer: str, knobs: tuple[Knob, ...],
     return history, order
 
 
+def tuning_records(suite: Suite, optimizer: str, records: dict[str, dict]) -> list[dict]:
+    """The tuning runs of ``optimizer`` among ``records`` (tuning seed, full budget)."""
+    return [r for r in records.values() if r["probe"] is not None and
+            (r["config"]["optimizer"], r["config"]["seed"], r["config"]["steps"]) == (optimizer, suite.tuning_seed,
+                                                                                     suite.steps)]
+
+
 def off_path_tuning_runs(suite: Suite, optimizer: str, knobs: tuple[Knob, ...], records: dict[str, dict]) -> int:
     """Tuning records of ``optimizer`` the replayed search does not use (e.g. made on a narrower grid)."""
     history, _ = tuning_history(suite, optimizer, knobs, records)
     used = {tuple(sorted(values_at(knobs, p).items())) for p in history}
-    return sum(1 for r in records.values()
-               if r["probe"] is not None and r["config"]["optimizer"] == optimizer
-               and r["config"]["seed"] == suite.tuning_seed and r["config"]["steps"] == suite.steps
-               and tuple(sorted(r["knobs"].items())) not in used)
+    return sum(tuple(sorted(r["knobs"].items())) not in used for r in tuning_records(suite, optimizer, records))
 
 
 def knobs_for(suite: Suite, optimizer: str, root: Path | None = None) -> tuple[Knob, ...]:
