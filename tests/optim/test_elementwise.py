@@ -102,8 +102,8 @@ def test_past_the_compile_limit_the_step_says_so_and_runs_eagerly(monkeypatch):
 COMPILED_OPTIONS = {
     "ortho-adam-kronecker": ("ortho-adam", {"rotation": "kronecker"},
                              lambda opt, params: any(len(f) == 2 for f in opt._rotations.values())),
-    "msam-gamma-previous": ("msam", {"gamma_from": "previous"},  # ||g||² of the last step is stored
-                            lambda opt, params: all(opt.state[p]["stability_sums"][1] > 0 for p in params)),
+    "msam-gamma-current": ("msam", {"gamma_from": "current"},  # γ from this step: no sums carried over
+                           lambda opt, params: all("stability_sums" not in opt.state[p] for p in params)),
 }
 
 

@@ -132,7 +132,7 @@ REFERENCES = {
     "muon": (reference.muon, {"ns_dtype": "float64"}),
     "asm": (reference.asm, {}),
     "asa": (reference.asa, {"power_iters": 60, "init_power_iters": 60}),
-    "msam": (reference.msam, {}),
+    "msam": (functools.partial(reference.msam, gamma_lag=1), {}),  # gamma_from="previous", the default
     "amcs": (functools.partial(reference.amcs, total_steps=TOTAL_STEPS), {}),
     "spectra": (reference.spectra, {"power_iters": 60}),
 }
@@ -144,10 +144,8 @@ EAGER_CASES = [(name, impl) for name in OPTIMIZERS.names()
 # named options with their own arithmetic, checked against the reference too: (registry name, reference, options)
 OPTION_CASES = {"ortho-adam-kronecker": ("ortho-adam", functools.partial(ortho_adam_reference, rotation="kronecker"),
                                          {"rotation": "kronecker"}),
-                "msam-gamma-previous": ("msam", functools.partial(reference.msam, gamma_lag=1),
-                                        {"gamma_from": "previous"}),
-                "msam-gamma-previous-fused": ("msam", functools.partial(reference.msam, gamma_lag=1),
-                                              {"gamma_from": "previous", "impl": "fused"})}
+                "msam-gamma-current": ("msam", reference.msam, {"gamma_from": "current"}),
+                "msam-gamma-current-fused": ("msam", reference.msam, {"gamma_from": "current", "impl": "fused"})}
 
 
 def test_every_optimizer_has_a_reference():

@@ -68,7 +68,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
     out["stable-adamw (fused)"] = ("stable-adamw", {"impl": "fused"})
     out["msam (fused)"] = ("msam", {"impl": "fused"})
-    out["msam (fused, γ from the previous step)"] = ("msam", {"impl": "fused", "gamma_from": "previous"})
+    out["msam (fused, γ from this step)"] = ("msam", {"impl": "fused", "gamma_from": "current"})
     out["ortho-adam (kronecker)"] = ("ortho-adam", {"rotation": "kronecker"})
     if compiled:
         out["ortho-adam (kronecker, compiled)"] = ("ortho-adam", {"rotation": "kronecker", "impl": "compiled"})

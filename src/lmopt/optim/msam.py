@@ -20,14 +20,15 @@ Our choices where the text is silent:
   they are orthogonal (clamped to [0, 1]). Both are computed on-device, without a host sync.
 - roles not named by the paper: the untied head and "other" follow the MLP rule; norms and embeddings the
   "Embeddings/Norms" rule. α is clamped to [0, 1].
-- when γ is measured (``gamma_from``): ``"current"`` (default) compares this step's gradient with the slow
-  momentum before this step's update (the natural reading of γ_t); ``"previous"`` uses the same measure taken one
-  step earlier (γ_t from g_{t-1} and m^s_{t-2}; 0 at the first two steps), which the update's own pass can
+- when γ is measured (``gamma_from``): ``"current"`` compares this step's gradient with the slow momentum
+  before this step's update (the most literal reading of γ_t); ``"previous"`` (default) uses the same measure
+  taken one step earlier (γ_t from g_{t-1} and m^s_{t-2}; 0 at the first two steps), which the update's own pass can
   compute, so that the fused step reads each operand once: 9 operand reads and writes to AdamW's 7, against 11
   with ``"current"`` (whose γ needs a pass over g and m^s before the update). A per-tensor stability statistic
   that drifts slowly, one step older. Its final loss on 10 paired seeds of cpu-full: Δ -0.0043 nats [-0.0105,
-  +0.0019] against ``"current"`` (results/cpu-full/variants.md), equivalent within ±0.01; the natural reading
-  stays the default until the FSDP path of ``"previous"`` is checked (docs/optimizers.md).
+  +0.0019] against ``"current"`` (results/cpu-full/variants.md), equivalent within ±0.01, so the one-pass
+  reading is the default (the paper defines γ_t no further than "gradient stability"); cpu-full's MSAM row
+  itself ran with ``"current"``, the default before that evidence.
 - β3 = 0.999 (Adam's default); the paper's "learning rates based on layer type" are not specified, so all
   roles share the lr.
 Memory: three buffers per parameter (12 bytes for fp32 and fp16 parameters, 6 for bf16), 1.5x AdamW's.
@@ -113,7 +114,7 @@ class MSAM(ElementwiseOptimizer):
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.1, stability: str = "cosine",
-                 gamma_from: str = "current", impl: str = "for-loop") -> None:
+                 gamma_from: str = "previous", impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if stability not in STABILITY_MEASURES:
