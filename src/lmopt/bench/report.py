@@ -55,14 +55,19 @@ def _diff_text(c: Comparison | None) -> str:
     return f"{d.mean_diff:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}] p={_fmt(c.holm_p, '.2g')}{star}"
 
 
+def bound_side(c: Comparison) -> str:
+    """">" or "<" where every seed's speedup is only a bound on the same side, else ""."""
+    sides = set(c.bounds.values())
+    return next(iter(sides)) if len(c.bounds) == c.speedup[3] and len(sides) == 1 else ""
+
+
 def _speedup_text(c: Comparison | None) -> str:
     if c is None or not c.speedups:
         return "—"
     point, low, high, n = c.speedup
     bounds = f"; {len(c.bounds)} bound" if c.bounds else ""
-    sides = set(c.bounds.values())
-    if len(c.bounds) == n and len(sides) == 1:  # every seed only a bound: the budgets run cannot say more
-        return f"{'≥' if sides == {'>'} else '≤'} {point:.2f}x (n={n}; every seed a bound)"
+    if side := bound_side(c):  # every seed only a bound: the budgets run cannot say more
+        return f"{'≥' if side == '>' else '≤'} {point:.2f}x (n={n}; every seed a bound)"
     return f"{point:.2f}x [{_fmt(low, '.2f')}, {_fmt(high, '.2f')}] (n={n}{bounds})"
 
 
@@ -452,9 +457,7 @@ def write_ladder_report(ladder: str, root: Path | None = None) -> Path:
         for name, c in sorted(comparisons["adamw"].items()):
             if c.speedups:
                 cells.append(f"`{name}` {_speedup_text(c)}")
-                every_bound = len(c.bounds) == c.speedup[3] and len(set(c.bounds.values())) == 1
-                side = next(iter(c.bounds.values())) if every_bound else ""
-                series.setdefault(name, []).append((non_embedding, *c.speedup[:3], side))
+                series.setdefault(name, []).append((non_embedding, *c.speedup[:3], bound_side(c)))
         rows.append(f"| `{suite.name}` | `{suite.preset}` | {non_embedding / 1e6:.2f}M of {params / 1e6:.2f}M | "
                     f"{suite.tokens() / params:.2f} | {epochs:.2f} | {machines(records)} | "
                     f"{'; '.join(cells) or 'in progress'} |")

@@ -71,7 +71,6 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-
 def cpu_description() -> str:
     """The CPU's model and whether it multiplies bf16 natively (what ``ns_dtype="auto"`` and the like depend on:
     the same run resolves differently on an AVX2 CPU and on one with AVX-512 BF16 or AMX)."""
@@ -81,6 +80,7 @@ def cpu_description() -> str:
                      if line.startswith("model name")), "")
     native = fast_matmul_dtype(torch.device("cpu")) == torch.bfloat16
     return f"{name or platform.processor() or platform.machine()} ({'native' if native else 'no native'} bf16)"
+
 
 class Trainer:
     """One run: built from its config (lmopt.train.build), then the loop. ``callbacks`` (rank 0 only) see every
