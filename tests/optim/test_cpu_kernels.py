@@ -2,6 +2,8 @@
 more rows than one summation block, and rows whose variance estimate is clamped at the floor."""
 
 import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -14,6 +16,47 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("LMOPT_NO_CPU_KERNELS")), re
 
 def test_the_kernels_build_on_this_machine():
     assert cpu_kernels.kernels() is not None, cpu_kernels.unavailable_reason()
+
+
+def test_a_stale_torch_build_lock_is_removed_under_the_os_lock(tmp_path):
+    """A killed build leaves torch's ``lock`` file; with it there, torch's loader waits forever. lmopt's build
+    removes it (with a warning) once it holds its own OS lock, and leaves other files alone."""
+    (tmp_path / "lock").touch()
+    (tmp_path / "main.cpp").touch()
+    with pytest.warns(UserWarning, match="stale torch build lock"), cpu_kernels.stale_torch_lock_cleared(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert (tmp_path / "main.cpp").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_second_build_waits_for_the_first_instead_of_touching_its_lock(tmp_path):
+    """While one build holds the OS lock (and torch's ``lock`` file, which is then live), another waits."""
+    entered, release = threading.Event(), threading.Event()
+
+    def first_build():
+        with cpu_kernels.stale_torch_lock_cleared(tmp_path):
+            (tmp_path / "lock").touch()  # torch's marker of a build in progress
+            entered.set()
+            release.wait(30)
+            (tmp_path / "lock").unlink()  # a build that finishes removes its marker
+
+    second_saw_lock = []
+
+    def second_build():
+        with cpu_kernels.stale_torch_lock_cleared(tmp_path):
+            second_saw_lock.append((tmp_path / "lock").exists())
+
+    first = threading.Thread(target=first_build)
+    first.start()
+    assert entered.wait(30)
+    second = threading.Thread(target=second_build)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and (tmp_path / "lock").exists()  # waiting, the live marker untouched
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert second_saw_lock == [False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -8,14 +8,20 @@ with per-thread column partials and float64 accumulators.
 
 The build needs a C++ compiler with OpenMP (and ninja); :func:`kernels` returns None, with the reason in
 :func:`unavailable_reason`, where it fails, and callers fall back to their other implementations. The build is
-cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Torch's build lock is a plain
+file that a killed build leaves behind, after which every later load waits on it forever; lmopt's builds take an
+OS lock first (released by the kernel when a process dies) and, holding it, remove such a stale file
+(:func:`stale_torch_lock_cleared`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -872,7 +878,43 @@ _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl",
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
               "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_",
               "spectra_step_", "spectra_steps_"]
+_NAME = "lmopt_cpu_kernels_v17"
 _failure: list[str] = []
+
+
+@contextlib.contextmanager
+def stale_torch_lock_cleared(build_directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``build_directory`` and remove torch's ``lock`` file there if one is left.
+
+    ``torch.utils.cpp_extension`` marks a build in progress with a file named ``lock`` and waits while it
+    exists; a process killed mid-build leaves it, and every later load of the extension then hangs. Every
+    lmopt build takes ``lmopt.lock`` with ``flock`` first (the kernel releases it when its holder dies), so
+    whoever holds it knows no other lmopt build is running and a ``lock`` file found then is stale.
+    """
+    directory = Path(build_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no OS lock, leave torch's file alone
+        yield
+        return
+    with open(directory / "lmopt.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                warnings.warn(f"removing a stale torch build lock left by a killed build: {stale}", stacklevel=3)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _torch_build_directory(name: str) -> str:
+    """Where torch builds extension ``name`` (``TORCH_EXTENSIONS_DIR``, or ~/.cache/torch_extensions/py3XX_cpu)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(name, verbose=False)  # the same rule as torch's own loads
 
 
 @functools.cache
@@ -885,9 +927,12 @@ def kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         capability = torch.backends.cpu.get_cpu_capability()  # the build is cached per instruction set
-        return load_inline(name=f"lmopt_cpu_kernels_v17_{capability.lower()}", cpp_sources=[_SOURCE],
-                           functions=_FUNCTIONS, extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+        name = f"{_NAME}_{capability.lower()}"
+        build_directory = _torch_build_directory(name)
+        with stale_torch_lock_cleared(build_directory):
+            return load_inline(name=name, cpp_sources=[_SOURCE], functions=_FUNCTIONS,
+                               extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(capability, [])], extra_ldflags=["-fopenmp"],
+                               build_directory=build_directory, verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the callers fall back
         _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}")
         return None
