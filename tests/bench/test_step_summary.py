@@ -19,7 +19,7 @@ RESULTS = {
     "spectra (for-loop)": row(0.05, 0.5, state_bytes=600, state_ratio=0.75),
     "torch.optim.Muon (matrices only)": row(2.0, 25.0, state_bytes=200),
     "muon": row(3.0, 30.0, state_bytes=200),
-    "muon (gram)": row(2.0, 20.0, state_bytes=200),
+    "muon (standard Newton–Schulz)": row(2.0, 20.0, state_bytes=200),
     "ortho-adam": row(6.0, 60.0, state_bytes=800),
     "ortho-adam (kronecker, compiled)": row(1.5, 15.0, state_bytes=800),
     "lmopt muon (matrices only)": row(1.0, 12.0, state_bytes=200),
@@ -31,7 +31,7 @@ def test_the_fastest_implementation_of_each_optimizer_is_chosen_and_variants_are
     assert fastest["lamb"] == "lamb (compiled)"
     assert fastest["adamw"] == "adamw (fused)"
     assert fastest["spectra"] == "spectra (fused)"  # the refresh-interval and per-matrix rows are other settings
-    assert fastest["muon"] == "muon" and fastest["ortho-adam"] == "ortho-adam"  # gram, kronecker: other settings
+    assert fastest["muon"] == "muon" and fastest["ortho-adam"] == "ortho-adam"  # standard NS, kronecker: other settings
 
 
 def test_targets_are_computed_from_the_file():

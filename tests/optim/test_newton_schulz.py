@@ -177,17 +177,19 @@ def test_the_gram_space_iteration_is_the_same_iteration(real_gradients, coeffici
                           newton_schulz_gram(batch[1], dtype=torch.float64), atol=1e-12)
 
 
-def test_muon_takes_the_gram_space_only_where_it_is_cheaper_and_in_fp32():
+def test_muon_takes_the_gram_space_by_default_where_it_is_cheaper_and_in_fp32():
     assert gram_is_cheaper((2048, 512)) and gram_is_cheaper((512, 2048)) and not gram_is_cheaper((512, 512))
     gen = torch.Generator().manual_seed(0)
     grads = {"mlp": torch.randn(256, 64, generator=gen), "square": torch.randn(64, 64, generator=gen)}
     for name, g in grads.items():
         steps = {}
-        for method in ("standard", "gram"):
+        for method in ("standard", "gram", None):  # None: Muon's default
             W = torch.nn.Parameter(torch.zeros_like(g))
             W.grad = g.clone()
-            Muon([W], lr=1.0, weight_decay=0.0, ns_dtype="float32", ns_method=method).step()
+            options = {} if method is None else {"ns_method": method}
+            Muon([W], lr=1.0, weight_decay=0.0, ns_dtype="float32", **options).step()
             steps[method] = W.detach().clone()
+        assert torch.equal(steps[None], steps["gram"])  # fp32 Newton–Schulz takes the Gram space by default
         if name == "square":  # not cheaper: the plain iteration, bit for bit
             assert torch.equal(steps["standard"], steps["gram"])
         else:

@@ -90,7 +90,7 @@ def _step_candidates(model: torch.nn.Module, compiled: bool,
         matrices = [p for p in matrices if id(p) in kept]
     out["torch.optim.Muon (matrices only)"] = lambda: torch.optim.Muon(matrices, lr=1e-3)
     out["lmopt muon (matrices only)"] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original")
-    out["muon (gram)"] = lambda: build("muon", model, ns_method="gram")
+    out["muon (standard Newton–Schulz)"] = lambda: build("muon", model, ns_method="standard")
     return out
 
 

@@ -22,11 +22,15 @@ more than 10x slower than in fp32; fp32 is also closer to the exact iteration, s
 ``ns_coefficients``: Keller Jordan's triple for every iteration (default, as torch), ``"polar-express"`` (Amsel et
 al. 2025: a minimax quintic per iteration, :func:`lmopt.optim.kernels.polar_express`: singular values end
 closer to 1 for the same number of iterations), or a schedule of ``ns_steps`` triples.
-``ns_method``: ``"standard"`` (default) iterates on X; ``"gram"`` carries the same iteration on the small side's
-Gram matrix (:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (a 4:1
-MLP matrix: 1.7-1.9x faster in fp32 on an AVX2 CPU), in fp32 or wider only (bf16 keeps "standard": rounding
-accumulates in the Gram matrix). In fp32 it deviates from the exact iteration by ~1e-5 (Gaussian matrices) to
-7e-4 (real gradients), against 2e-2 to 2e-1 for bf16 (tests/optim/test_newton_schulz.py).
+``ns_method``: ``"gram"`` (lmopt's default) carries the iteration on the small side's Gram matrix
+(:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (a 4:1 MLP matrix:
+1.7-1.9x faster in fp32 on an AVX2 CPU), in fp32 or wider only; bf16 Newton–Schulz (torch's, and "auto" on a GPU or
+a bf16-native CPU) always takes the standard iteration, because rounding accumulates in a bf16 Gram matrix until
+it diverges (relative error ~1e4 on real gradients, measured). In fp32 it deviates from the exact iteration by
+~1e-5 (Gaussian matrices) to 7e-4 (real gradients), against 2e-2 to 2e-1 for bf16, and its final loss on cpu-full's
+held-out seeds is equivalent to the standard iteration's (results/cpu-full/variants.md, muon-gram: Δ −0.0003
+[−0.0024, +0.0017]), the evidence on which it became the default. ``"standard"`` iterates on X for every shape
+(torch's algorithm; what the default was before).
 """
 
 from __future__ import annotations
@@ -109,8 +113,9 @@ class Muon(MatrixOptimizer):
         ns_eps: the floor of the Frobenius norm by which the matrix is divided before the iterations.
         ns_dtype: the precision of Newton–Schulz: "auto" (bfloat16 on a GPU or a CPU with native bf16 matrix
             products, else float32), "bfloat16" (Keller's and torch's), "float32" or "float64".
-        ns_method: "standard" (iterate on the matrix) or "gram" (the same iteration on its Gram matrix where that
-            takes fewer flops, in fp32 or wider precision).
+        ns_method: "gram" (the same iteration on the matrix's Gram matrix where that takes fewer flops and
+            Newton–Schulz runs in fp32 or wider, else the standard one) or "standard" (always iterate on the
+            matrix, as torch does).
         adjust_lr: the matrices' lr factor for an m x n matrix: "match_rms_adamw" (Moonshot's 0.2 sqrt(max(m, n)),
             which gives the update a typical AdamW update's RMS, so AdamW's lr and weight decay carry over) or
             "original" (Keller's sqrt(max(1, m/n))).
@@ -120,7 +125,7 @@ class Muon(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple | str = NS_COEFFICIENTS,
-                 ns_eps: float = NS_EPS, ns_dtype: str = "auto", ns_method: str = "standard",
+                 ns_eps: float = NS_EPS, ns_dtype: str = "auto", ns_method: str = "gram",
                  adjust_lr: str = "match_rms_adamw",
                  adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
         check_common(lr, eps, weight_decay)
@@ -158,7 +163,7 @@ class Muon(MatrixOptimizer):
 
         def ns(X: Tensor) -> Tensor:
             dtype = ns_dtype_for(group["ns_dtype"], X.device)
-            gram = (group.get("ns_method", "standard") == "gram" and dtype.itemsize >= 4
+            gram = (group.get("ns_method", "gram") == "gram" and dtype.itemsize >= 4
                     and gram_is_cheaper(X.shape, group["ns_steps"]))
             return (newton_schulz_gram if gram else newton_schulz)(
                 X, group["ns_steps"], ns_schedule(group["ns_coefficients"], group["ns_steps"]), group["ns_eps"], dtype)
