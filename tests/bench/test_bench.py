@@ -308,6 +308,7 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
         run_trainer_overhead,
         write_step_results,
     )
+    from lmopt.train.trainer import cpu_description
 
     result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, profile=["spectra"], log=lambda _: None,
                                 muon_layers=1)
@@ -335,6 +336,7 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     text = write_step_results(result, tmp_path, "lmopt bench step --preset nano", "abc").read_text()
     assert "| spectra |" in text and "## Training step" in text and "| ratio |" in text
     assert "Where the time goes: `spectra`" in text and result["profiles"]["spectra"][0]["calls"] >= 1
+    assert f"({cpu_description()})" in text.splitlines()[2]  # the CPU is named: its bf16 support decides "auto"
 
 
 def test_gpu_step_tables_are_named_after_the_gpu(tmp_path):

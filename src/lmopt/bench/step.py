@@ -143,12 +143,13 @@ def paired_ratio_spread(times: list[float], base_times: list[float]) -> dict:
 
 def _machine(threads: int, device: torch.device = CPU) -> dict:
     from lmopt.optim.kernels import fast_matmul_dtype
+    from lmopt.train.trainer import cpu_description
 
     gpu = ({"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
            if device.type == "cuda" else {})
     return {"threads": threads, "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_description(),
             "muon_ns_dtype": str(fast_matmul_dtype(device)).removeprefix("torch."), **gpu}
 
 
@@ -351,7 +352,8 @@ def _capability(result: dict) -> str:
 
 
 def _machine_line(result: dict) -> str:
-    host = (f"torch {result['torch']}, {result['processor']}, {result['cpus']} CPUs{_capability(result)}, "
+    cpu = f" ({result['cpu']})" if result.get("cpu") else ""  # files made before the CPU was recorded lack it
+    host = (f"torch {result['torch']}, {result['processor']}, {result['cpus']} CPUs{_capability(result)}{cpu}, "
             f"{result['threads']} threads")
     if result.get("device") == "cuda":
         return f"{result['gpu']} (CUDA {result['cuda']}); {host}; each timed step synchronized before and after"

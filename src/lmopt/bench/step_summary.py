@@ -25,7 +25,7 @@ LIMIT = 1.5
 def fastest_rows(results: dict) -> dict[str, str]:
     """Registered optimizer -> the name of its fastest measured row at its default settings: the default row or
     ``NAME (IMPL)`` for another implementation it declares (not the per-tensor "for-loop" reference); rows of
-    other settings (``muon (standard Newton–Schulz)``, ``spectra (refresh every 10)``) are not the optimizer's defaults."""
+    other settings (``muon (standard Newton–Schulz)``, ``spectra (refresh every 10)``) are not its defaults."""
     out = {}
     for name in OPTIMIZERS.names():
         impls = [i for i in OPTIMIZERS.get(name).impls if i != "for-loop"]

@@ -22,6 +22,14 @@ n = n1 n2, n1 the largest divisor of n up to √n (768 = 24 x 32): x Q is Aᵀ X
 4 m n (n1 + n2) flops (14x fewer for n = 768). Every coordinate is still spread over all n (a coordinate's image
 is a row of A times a row of B, both dense), which is what the rotation is for; the basis is not Haar-distributed
 over all of O(n). 1-D tensors and n without a divisor above 1 up to √n keep the dense Q (its cost is small there).
+
+``rotation_dtype``: the precision of the two rotations (the moments and the parameters stay in theirs):
+``"param"`` (default: the parameter's own precision, as written above), ``"bfloat16"``, or ``"auto"`` (bf16
+where the device multiplies it natively, a GPU or a CPU with AVX-512 BF16/AMX, for fp32 or narrower parameters;
+else the parameter's precision). bf16 products are ~3x faster than fp32 ones on such a CPU, so the dense
+rotation's cost follows Muon's (whose ``ns_dtype="auto"`` makes the same choice); the rotated gradient and the
+rotated-back update carry bf16's rounding (relative ~4e-3 per entry), measured in the loss by
+``lmopt bench variant`` (results/cpu-full/variants.md).
 """
 
 from __future__ import annotations
@@ -36,9 +44,20 @@ from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay
 from lmopt.optim.distributed import replicate_like
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_
+from lmopt.optim.kernels import fast_matmul_dtype
 from lmopt.optim.spec import OptionError, register_class
 
 ROTATIONS = ("haar", "kronecker")
+ROTATION_DTYPES = ("param", "bfloat16", "auto")
+
+
+def rotation_dtype_for(name: str, param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The precision of a parameter's rotations for the option ``rotation_dtype`` (see the module docstring)."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto" and param_dtype.itemsize <= 4:
+        return fast_matmul_dtype(device) if param_dtype.is_floating_point else param_dtype
+    return param_dtype
 
 
 def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -67,14 +86,17 @@ def rotate(x: Tensor, factors: Sequence[Tensor], inverse: bool = False) -> Tenso
     """x Q (or x Qᵀ with ``inverse``) along x's last dimension; Q dense, or A ⊗ B as two small products.
 
     A 1-D x is rotated as a row (which also works on sharded DTensors). For Q = A ⊗ B and X the (n1 x n2)
-    reshape of x (row-major), x Q is the reshape of Aᵀ X B and x Qᵀ that of A X Bᵀ."""
+    reshape of x (row-major), x Q is the reshape of Aᵀ X B and x Qᵀ that of A X Bᵀ. The products run in the
+    factors' precision; the result has x's."""
+    dtype = x.dtype
+    x = x.to(factors[0].dtype)
     if len(factors) == 1:
         Q = factors[0].mT if inverse else factors[0]
-        return x @ Q if x.dim() > 1 else (x.unsqueeze(0) @ Q).squeeze(0)
+        return (x @ Q if x.dim() > 1 else (x.unsqueeze(0) @ Q).squeeze(0)).to(dtype)
     A, B = factors
     X = x.reshape(*x.shape[:-1], A.shape[0], B.shape[0])
     Y = A @ X @ B.mT if inverse else A.mT @ X @ B
-    return Y.reshape(x.shape)
+    return Y.reshape(x.shape).to(dtype)
 
 
 class OrthoAdam(AdamFamily):
@@ -94,18 +116,23 @@ class OrthoAdam(AdamFamily):
             position among the optimizer's parameters; the state keeps that seed (``rotation_seed``), not Q.
         rotation: "haar" (a dense Haar-random Q per tensor, as the paper) or "kronecker" (Q = A ⊗ B, two small
             Haar-random factors: ~n / (n1 + n2) times fewer flops; see the module docstring).
+        rotation_dtype: the precision of the rotations: "param" (the parameter's own), "bfloat16", or "auto"
+            (bf16 where the device multiplies it natively, for fp32 or narrower parameters).
         impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
             compilation is unavailable it warns once and runs "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, seed: int = 0, rotation: str = "haar", impl: str = "for-loop") -> None:
+                 weight_decay: float = 0.1, seed: int = 0, rotation: str = "haar", rotation_dtype: str = "param",
+                 impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
         if rotation not in ROTATIONS:
             raise OptionError(f"Invalid rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+        if rotation_dtype not in ROTATION_DTYPES:
+            raise OptionError(f"Invalid rotation_dtype {rotation_dtype!r}; choose one of {', '.join(ROTATION_DTYPES)}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
-                                      rotation=rotation), impl)
+                                      rotation=rotation, rotation_dtype=rotation_dtype), impl)
         self._rotations: dict[tuple, Tensor] = {}
 
     def __setstate__(self, state: dict) -> None:
@@ -123,11 +150,13 @@ class OrthoAdam(AdamFamily):
                 index += 1
         raise KeyError("parameter not in optimizer")
 
-    def rotation(self, p: Tensor, seed: int, rotation: str = "haar") -> tuple[Tensor, ...]:
-        """The factors of ``p``'s rotation (see :func:`rotation_factors`), cached."""
-        key = (seed, p.shape[-1], p.dim() > 1, rotation, p.device, p.dtype)
+    def rotation(self, p: Tensor, seed: int, rotation: str = "haar", rotation_dtype: str = "param"
+                 ) -> tuple[Tensor, ...]:
+        """The factors of ``p``'s rotation (see :func:`rotation_factors`) in their precision, cached."""
+        dtype = rotation_dtype_for(rotation_dtype, p.dtype, p.device)
+        key = (seed, p.shape[-1], p.dim() > 1, rotation, p.device, dtype)
         if key not in self._rotations:
-            factors = rotation_factors(p.shape[-1], seed, rotation, p.dim(), p.dtype)
+            factors = rotation_factors(p.shape[-1], seed, rotation, p.dim(), dtype)
             self._rotations[key] = tuple(f.to(p.device) for f in factors)
         return self._rotations[key]
 
@@ -137,7 +166,8 @@ class OrthoAdam(AdamFamily):
     def tensors(self, p, state, group):
         if "rotation_seed" not in state:
             state["rotation_seed"] = group["seed"] + self._param_index(state)
-        factors = self.rotation(p, state["rotation_seed"], group.get("rotation", "haar"))
+        factors = self.rotation(p, state["rotation_seed"], group.get("rotation", "haar"),
+                                group.get("rotation_dtype", "param"))
         return [*super().tensors(p, state, group), *(replicate_like(f, p) for f in factors)]
 
     @staticmethod
