@@ -83,15 +83,19 @@ def asa(name, w, grads, roles, lr, wd, lam=0.1, betas=(0.9, 0.95), eps=1e-8):
 
 
 @_per_tensor
-def lamb(name, w, grads, roles, lr, wd, betas=(0.9, 0.999), eps=1e-6, max_trust=10.0):
+def lamb(name, w, grads, roles, lr, wd, betas=(0.9, 0.999), eps=1e-6, max_trust=10.0, trust_from="current"):
+    # trust_from "previous": step t uses the norms of step t - 1 (its own at the first step)
     decay = decay_of(name, w, roles, wd)
     m, v = np.zeros_like(w), np.zeros_like(w)
+    previous = None
     for t, g in enumerate(grads, 1):
         m = betas[0] * m + (1 - betas[0]) * g
         v = betas[1] * v + (1 - betas[1]) * g * g
         r = adam_direction(m, v, t, betas[0], betas[1], eps) + decay * w
-        w_norm, r_norm = min(np.linalg.norm(w), max_trust), np.linalg.norm(r)
+        norms = (min(np.linalg.norm(w), max_trust), np.linalg.norm(r))
+        w_norm, r_norm = norms if trust_from == "current" or previous is None else previous
         trust = w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0
+        previous = norms
         w = w - lr * trust * r
     return w
 

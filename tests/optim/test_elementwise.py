@@ -107,6 +107,8 @@ COMPILED_OPTIONS = {
                                  lambda opt, params: all(f.dtype == torch.bfloat16 and p.dtype == torch.float32
                                                          for fs in opt._rotations.values() for f in fs
                                                          for p in params)),
+    "lamb-trust-previous": ("lamb", {"trust_from": "previous"},  # the previous step's norms in a (2,) state tensor
+                            lambda opt, params: all(opt.state[p]["trust_norms"][1] > 0 for p in params)),
     "msam-gamma-current": ("msam", {"gamma_from": "current"},  # γ from this step: no sums carried over
                            lambda opt, params: all("stability_sums" not in opt.state[p] for p in params)),
 }

@@ -145,7 +145,11 @@ EAGER_CASES = [(name, impl) for name in OPTIMIZERS.names()
 OPTION_CASES = {"ortho-adam-kronecker": ("ortho-adam", functools.partial(ortho_adam_reference, rotation="kronecker"),
                                          {"rotation": "kronecker"}),
                 "msam-gamma-current": ("msam", reference.msam, {"gamma_from": "current"}),
-                "msam-gamma-current-fused": ("msam", reference.msam, {"gamma_from": "current", "impl": "fused"})}
+                "msam-gamma-current-fused": ("msam", reference.msam, {"gamma_from": "current", "impl": "fused"}),
+                "lamb-trust-previous": ("lamb", functools.partial(reference.lamb, trust_from="previous"),
+                                        {"trust_from": "previous"}),
+                "lamb-trust-previous-fused": ("lamb", functools.partial(reference.lamb, trust_from="previous"),
+                                              {"trust_from": "previous", "impl": "fused"})}
 
 
 def test_every_optimizer_has_a_reference():

@@ -72,6 +72,8 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["ortho-adam (kronecker)"] = ("ortho-adam", {"rotation": "kronecker"})
     if compiled:
         out["ortho-adam (kronecker, compiled)"] = ("ortho-adam", {"rotation": "kronecker", "impl": "compiled"})
+        out["ortho-adam (bf16 rotations, compiled)"] = ("ortho-adam", {"rotation_dtype": "bfloat16",
+                                                                       "impl": "compiled"})
     return out
 
 

@@ -207,6 +207,42 @@ void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, d
   out[1] = p_sq;
 }
 
+// LAMB with trust_from="previous", one pass: Adam's moments in place and w <- w decay - step m_hat / (sqrt(v_hat) + eps)
+// with the previous step's trust ratio in `step`, returning sum r^2, sum w^2 of this step (w before its update) for
+// the next step's ratio (one read of g, m, v, w; one write of m, v, w: fused AdamW's streams).
+template <typename T>
+void lamb_step(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1, double bias2,
+               double eps, double wd, double decay, double step, double* out) {
+  const T b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
+  const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);
+  const T ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps), w = static_cast<T>(wd);
+  const T d = static_cast<T>(decay), s = static_cast<T>(step);
+  double r_sq = 0.0, p_sq = 0.0;
+  const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static) reduction(+ : r_sq, p_sq)
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t end = std::min(n, start + chunk);
+    T rs = 0, ps = 0;
+#pragma omp simd reduction(+ : rs, ps)
+    for (int64_t j = start; j < end; ++j) {
+      const T x = g[j], pj = p[j];
+      const T mj = m[j] + a1 * (x - m[j]);
+      const T vj = v[j] * b2 + a2 * x * x;
+      m[j] = mj;
+      v[j] = vj;
+      const T direction = (mj * ib1) / (std::sqrt(vj * ib2) + e);
+      const T r = direction + w * pj;
+      rs += r * r;
+      ps += pj * pj;
+      p[j] = pj * d - s * direction;
+    }
+    r_sq += rs;
+    p_sq += ps;
+  }
+  out[0] = r_sq;
+  out[1] = p_sq;
+}
+
 // StableAdamW, pass 1: Adam's moments in place, and sum g^2 / max(v_hat, eps^2) with the new v (one read of g, m, v;
 // one write of m, v). Its pass 2 is lamb_apply with decay 1 - lr wd and step lr / max(1, RMS).
 template <typename T>
@@ -250,6 +286,17 @@ torch::Tensor lamb_moments_(torch::Tensor p, torch::Tensor g, torch::Tensor m, t
     lamb_moments<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
                            v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd,
                            out.data_ptr<double>());
+  });
+  return out;
+}
+
+torch::Tensor lamb_step_(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1,
+                         double beta2, double bias1, double bias2, double eps, double wd, double decay, double step) {
+  auto out = torch::empty({2}, p.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_step", [&] {
+    lamb_step<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
+                        v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd, decay, step,
+                        out.data_ptr<double>());
   });
   return out;
 }
@@ -876,9 +923,9 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
-              "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project", "spectra_apply_",
-              "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v17"
+              "lamb_step_", "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
+              "spectra_apply_", "spectra_step_", "spectra_steps_"]
+_NAME = "lmopt_cpu_kernels_v18"
 _failure: list[str] = []
 
 
