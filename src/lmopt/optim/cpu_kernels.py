@@ -207,9 +207,10 @@ void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, d
   out[1] = p_sq;
 }
 
-// LAMB with trust_from="previous", one pass: Adam's moments in place and w <- w decay - step m_hat / (sqrt(v_hat) + eps)
-// with the previous step's trust ratio in `step`, returning sum r^2, sum w^2 of this step (w before its update) for
-// the next step's ratio (one read of g, m, v, w; one write of m, v, w: fused AdamW's streams).
+// LAMB with trust_from="previous", one pass: Adam's moments in place and
+// w <- w decay - step m_hat / (sqrt(v_hat) + eps) with the previous step's trust ratio in `step`, returning sum r^2,
+// sum w^2 of this step (w before its update) for the next step's ratio (one read of g, m, v, w; one write of m, v,
+// w: fused AdamW's streams).
 template <typename T>
 void lamb_step(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1, double bias2,
                double eps, double wd, double decay, double step, double* out) {

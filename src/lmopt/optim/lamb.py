@@ -34,7 +34,6 @@ from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_
 from lmopt.optim.spec import OptionError, register_class
 
-
 TRUST_TIMINGS = ("current", "previous")
 
 
