@@ -46,9 +46,9 @@ def test_targets_are_computed_from_the_file():
     assert "| `lmopt train` ≥ 0.95x a bare loop's throughput | 0.90x | no |" in text
     assert "lamb 1.30x | all |" in text
     assert "| OrthoAdam's step ≤ Muon's | 2.00x Muon's (Haar rotation, the default); 0.50x with" in text
-    bf16 = summary({"results": RESULTS | {"ortho-adam (bf16 rotations, compiled)": row(2.4, 24.0)}})
+    fp32 = summary({"results": RESULTS | {"ortho-adam (fp32 rotations, compiled)": row(2.4, 24.0)}})
     # the verdict is the default's
-    assert "0.50x with `rotation=\"kronecker\"`; 0.80x with `rotation_dtype=\"bfloat16\"` | no |" in bf16
+    assert "0.50x with `rotation=\"kronecker\"`; 0.80x with `rotation_dtype=\"param\"` (fp32) | no |" in fp32
 
 
 def test_the_readme_quotes_the_committed_step_results():

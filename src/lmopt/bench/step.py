@@ -66,13 +66,14 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["spectra (fused, refresh after the step)"] = ("spectra", {"impl": "fused", "refresh_timing": "after"})
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
+    out["lamb (fused, trust from the previous step)"] = ("lamb", {"impl": "fused", "trust_from": "previous"})
     out["stable-adamw (fused)"] = ("stable-adamw", {"impl": "fused"})
     out["msam (fused)"] = ("msam", {"impl": "fused"})
     out["msam (fused, γ from this step)"] = ("msam", {"impl": "fused", "gamma_from": "current"})
     out["ortho-adam (kronecker)"] = ("ortho-adam", {"rotation": "kronecker"})
     if compiled:
         out["ortho-adam (kronecker, compiled)"] = ("ortho-adam", {"rotation": "kronecker", "impl": "compiled"})
-        out["ortho-adam (bf16 rotations, compiled)"] = ("ortho-adam", {"rotation_dtype": "bfloat16",
+        out["ortho-adam (fp32 rotations, compiled)"] = ("ortho-adam", {"rotation_dtype": "param",
                                                                        "impl": "compiled"})
     return out
 

@@ -19,7 +19,7 @@ REFERENCE_ROWS = ("adamw (for-loop)", TORCH_MUON, LMOPT_MUON, SPECTRA_REFRESHED,
                   "spectra (fused, refresh after the step)")
 PER_TENSOR = ("asm", "asa", "amcs", "stable-adamw", "msam", "lamb", "adafactor")
 ORTHO_KRONECKER = "ortho-adam (kronecker, compiled)"
-ORTHO_BF16 = "ortho-adam (bf16 rotations, compiled)"
+ORTHO_FP32 = "ortho-adam (fp32 rotations, compiled)"
 LIMIT = 1.5
 
 
@@ -125,8 +125,8 @@ def targets_table(data: dict) -> str:
         ortho, muon = (results[fastest[n]]["step_seconds"] for n in ("ortho-adam", "muon"))
         kronecker = results.get(ORTHO_KRONECKER, {}).get("step_seconds")
         alternative = f"; {kronecker / muon:.2f}x with `rotation=\"kronecker\"`" if kronecker else ""
-        bf16 = results.get(ORTHO_BF16, {}).get("step_seconds")
-        alternative += f"; {bf16 / muon:.2f}x with `rotation_dtype=\"bfloat16\"`" if bf16 else ""
+        fp32 = results.get(ORTHO_FP32, {}).get("step_seconds")
+        alternative += f"; {fp32 / muon:.2f}x with `rotation_dtype=\"param\"` (fp32)" if fp32 else ""
         lines.append(f"| OrthoAdam's step ≤ Muon's | {ortho / muon:.2f}x Muon's (Haar rotation, the default)"
                      f"{alternative} | {_verdict(ortho <= muon)} |")
     if TORCH_MUON in results and LMOPT_MUON in results:

@@ -24,12 +24,14 @@ is a row of A times a row of B, both dense), which is what the rotation is for; 
 over all of O(n). 1-D tensors and n without a divisor above 1 up to √n keep the dense Q (its cost is small there).
 
 ``rotation_dtype``: the precision of the two rotations (the moments and the parameters stay in theirs):
-``"param"`` (default: the parameter's own precision, as written above), ``"bfloat16"``, or ``"auto"`` (bf16
-where the device multiplies it natively, a GPU or a CPU with AVX-512 BF16/AMX, for fp32 or narrower parameters;
-else the parameter's precision). bf16 products are ~3x faster than fp32 ones on such a CPU, so the dense
-rotation's cost follows Muon's (whose ``ns_dtype="auto"`` makes the same choice); the rotated gradient and the
-rotated-back update carry bf16's rounding (relative ~4e-3 per entry), measured in the loss by
-``lmopt bench variant`` (results/cpu-full/variants.md).
+``"auto"`` (default: bf16 where the device multiplies it natively, a GPU or a CPU with AVX-512 BF16/AMX, for
+fp32 or narrower parameters, else the parameter's precision: the choice Muon's ``ns_dtype="auto"`` makes),
+``"param"`` (the parameter's own precision, as written above) or ``"bfloat16"``. bf16 products are ~3x faster
+than fp32 ones on such a CPU, which brings the dense rotation's cost under Muon's. The rotated gradient and the
+rotated-back update carry bf16's rounding (~4e-3 of a row's norm), which can flip the sign of Adam's direction on
+rotated coordinates near zero; on cpu-full's held-out seeds the final loss is equivalent to the fp32 rotation's
+within ±0.01 nats (Δ +0.0017 [−0.0023, +0.0057], results/cpu-full/variants.md, ortho-adam-rotation-bf16), the
+evidence on which "auto" became the default. cpu-full's OrthoAdam row ran with fp32 rotations.
 """
 
 from __future__ import annotations
@@ -116,14 +118,14 @@ class OrthoAdam(AdamFamily):
             position among the optimizer's parameters; the state keeps that seed (``rotation_seed``), not Q.
         rotation: "haar" (a dense Haar-random Q per tensor, as the paper) or "kronecker" (Q = A ⊗ B, two small
             Haar-random factors: ~n / (n1 + n2) times fewer flops; see the module docstring).
-        rotation_dtype: the precision of the rotations: "param" (the parameter's own), "bfloat16", or "auto"
-            (bf16 where the device multiplies it natively, for fp32 or narrower parameters).
+        rotation_dtype: the precision of the rotations: "auto" (bf16 where the device multiplies it natively, for
+            fp32 or narrower parameters, else the parameter's), "param" (the parameter's own) or "bfloat16".
         impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
             compilation is unavailable it warns once and runs "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, seed: int = 0, rotation: str = "haar", rotation_dtype: str = "param",
+                 weight_decay: float = 0.1, seed: int = 0, rotation: str = "haar", rotation_dtype: str = "auto",
                  impl: str = "for-loop") -> None:
         check_common(lr, eps, weight_decay)
         check_betas(betas)
@@ -150,7 +152,7 @@ class OrthoAdam(AdamFamily):
                 index += 1
         raise KeyError("parameter not in optimizer")
 
-    def rotation(self, p: Tensor, seed: int, rotation: str = "haar", rotation_dtype: str = "param"
+    def rotation(self, p: Tensor, seed: int, rotation: str = "haar", rotation_dtype: str = "auto"
                  ) -> tuple[Tensor, ...]:
         """The factors of ``p``'s rotation (see :func:`rotation_factors`) in their precision, cached."""
         dtype = rotation_dtype_for(rotation_dtype, p.dtype, p.device)
@@ -167,7 +169,7 @@ class OrthoAdam(AdamFamily):
         if "rotation_seed" not in state:
             state["rotation_seed"] = group["seed"] + self._param_index(state)
         factors = self.rotation(p, state["rotation_seed"], group.get("rotation", "haar"),
-                                group.get("rotation_dtype", "param"))
+                                group.get("rotation_dtype", "param")  # checkpoints made before the option)
         return [*super().tensors(p, state, group), *(replicate_like(f, p) for f in factors)]
 
     @staticmethod
