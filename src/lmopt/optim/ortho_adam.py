@@ -168,8 +168,9 @@ class OrthoAdam(AdamFamily):
     def tensors(self, p, state, group):
         if "rotation_seed" not in state:
             state["rotation_seed"] = group["seed"] + self._param_index(state)
+        # a checkpoint made before rotation_dtype existed rotated in the parameter's precision
         factors = self.rotation(p, state["rotation_seed"], group.get("rotation", "haar"),
-                                group.get("rotation_dtype", "param")  # checkpoints made before the option)
+                                group.get("rotation_dtype", "param"))
         return [*super().tensors(p, state, group), *(replicate_like(f, p) for f in factors)]
 
     @staticmethod
