@@ -175,47 +175,15 @@ void factored_update(T* p, const T* g, int64_t m, int64_t n, const double* row_f
   }
 }
 
-// LAMB, pass 1: Adam's moments in place, and sum r^2, sum w^2 for r = m_hat / (sqrt(v_hat) + eps) + wd w (one read
-// of g, m, v, w; one write of m, v).
-template <typename T>
-void lamb_moments(const T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1,
-                  double bias2, double eps, double wd, double* out) {
-  const T b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
-  const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);  // exact weights: 1 - 0.999f is not 0.001
-  const T ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps), w = static_cast<T>(wd);
-  double r_sq = 0.0, p_sq = 0.0;
-  const int64_t chunk = 4096;
-#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static) reduction(+ : r_sq, p_sq)
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t end = std::min(n, start + chunk);
-    T rs = 0, ps = 0;
-#pragma omp simd reduction(+ : rs, ps)
-    for (int64_t j = start; j < end; ++j) {
-      const T x = g[j];
-      const T mj = m[j] + a1 * (x - m[j]);
-      const T vj = v[j] * b2 + a2 * x * x;
-      m[j] = mj;
-      v[j] = vj;
-      const T r = (mj * ib1) / (std::sqrt(vj * ib2) + e) + w * p[j];
-      rs += r * r;
-      ps += p[j] * p[j];
-    }
-    r_sq += rs;
-    p_sq += ps;
-  }
-  out[0] = r_sq;
-  out[1] = p_sq;
-}
-
-// LAMB with trust_from="previous", one pass: Adam's moments in place and
-// w <- w decay - step m_hat / (sqrt(v_hat) + eps) with the previous step's trust ratio in `step`, returning sum r^2,
-// sum w^2 of this step (w before its update) for the next step's ratio (one read of g, m, v, w; one write of m, v,
-// w: fused AdamW's streams).
-template <typename T>
-void lamb_step(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1, double bias2,
+// LAMB: Adam's moments in place, and sum r^2, sum w^2 for r = m_hat / (sqrt(v_hat) + eps) + wd w (w before any update;
+// one read of g, m, v, w; one write of m, v). kApply (trust_from="previous"): the same pass also writes
+// w <- w decay - step m_hat / (sqrt(v_hat) + eps) with the previous step's trust ratio in `step`, so the sums are
+// for the next step's ratio (fused AdamW's streams); without it, the paper's pass 1, before lamb_apply.
+template <typename T, bool kApply>
+void lamb_pass(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1, double bias2,
                double eps, double wd, double decay, double step, double* out) {
   const T b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
-  const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);
+  const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);  // exact weights: 1 - 0.999f is not 0.001
   const T ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps), w = static_cast<T>(wd);
   const T d = static_cast<T>(decay), s = static_cast<T>(step);
   double r_sq = 0.0, p_sq = 0.0;
@@ -235,7 +203,7 @@ void lamb_step(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double bet
       const T r = direction + w * pj;
       rs += r * r;
       ps += pj * pj;
-      p[j] = pj * d - s * direction;
+      if constexpr (kApply) p[j] = pj * d - s * direction;
     }
     r_sq += rs;
     p_sq += ps;
@@ -284,9 +252,9 @@ torch::Tensor lamb_moments_(torch::Tensor p, torch::Tensor g, torch::Tensor m, t
                             double beta2, double bias1, double bias2, double eps, double wd) {
   auto out = torch::empty({2}, p.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_moments", [&] {
-    lamb_moments<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
-                           v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd,
-                           out.data_ptr<double>());
+    lamb_pass<scalar_t, false>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
+                               v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0,
+                               out.data_ptr<double>());
   });
   return out;
 }
@@ -295,9 +263,9 @@ torch::Tensor lamb_step_(torch::Tensor p, torch::Tensor g, torch::Tensor m, torc
                          double beta2, double bias1, double bias2, double eps, double wd, double decay, double step) {
   auto out = torch::empty({2}, p.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_step", [&] {
-    lamb_step<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
-                        v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd, decay, step,
-                        out.data_ptr<double>());
+    lamb_pass<scalar_t, true>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
+                              v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd, decay, step,
+                              out.data_ptr<double>());
   });
   return out;
 }
@@ -926,7 +894,7 @@ _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl",
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
               "lamb_step_", "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
               "spectra_apply_", "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v18"
+_NAME = "lmopt_cpu_kernels_v19"
 _failure: list[str] = []
 
 

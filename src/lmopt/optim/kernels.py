@@ -46,8 +46,8 @@ def newton_schulz(
     def iterate(X: Tensor) -> Tensor:
         for a, b, c in schedule:
             A = X @ X.mT
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
+            B = _addmm(A, A, A, beta=b, alpha=c)
+            X = _addmm(X, B, X, beta=a)
         return X
 
     return _on_wide_unit_matrices(G, eps, dtype, iterate)
@@ -75,7 +75,7 @@ def newton_schulz_gram(
         eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
         Q = None
         for i, (a, b, c) in enumerate(schedule):
-            P = torch.baddbmm(A, A, A, beta=b, alpha=c) + a * eye
+            P = _addmm(A, A, A, beta=b, alpha=c) + a * eye
             Q = P if Q is None else P @ Q
             if i < len(schedule) - 1:
                 A = P @ A @ P
@@ -84,18 +84,21 @@ def newton_schulz_gram(
     return _on_wide_unit_matrices(G, eps, dtype, iterate)
 
 
+def _addmm(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float = 1.0) -> Tensor:
+    """beta C + alpha A B: ``addmm`` for one matrix, ``baddbmm`` for a batch (on a CPU a batch of one in bf16 is
+    markedly slower than the 2-D product)."""
+    return (torch.addmm if C.dim() == 2 else torch.baddbmm)(C, A, B, beta=beta, alpha=alpha)
+
+
 def _on_wide_unit_matrices(G: Tensor, eps: float, dtype: torch.dtype, iterate: Callable[[Tensor], Tensor]) -> Tensor:
-    """``iterate`` applied to G as a (batch, rows <= columns) stack in ``dtype``, each scaled to unit Frobenius
-    norm (at least ``eps`` before scaling); the result in G's shape and orientation."""
-    batched = G.dim() == 3
-    X = (G if batched else G.unsqueeze(0)).to(dtype)
+    """``iterate`` applied to G, one (rows <= columns) matrix or a batch of them, in ``dtype``, each scaled to unit
+    Frobenius norm (at least ``eps`` before scaling); the result in G's shape and orientation."""
+    X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = iterate(X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
-    if tall:
-        X = X.mT
-    return X if batched else X.squeeze(0)
+    return X.mT if tall else X
 
 
 def gram_is_cheaper(shape: Sequence[int], steps: int = NS_STEPS) -> bool:

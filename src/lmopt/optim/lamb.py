@@ -23,8 +23,6 @@ it changes the loss is measured by ``lmopt bench variant`` (results/cpu-full/var
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lmopt.optim import cpu_kernels
@@ -124,8 +122,8 @@ class LAMB(AdamFamily):
         else:
             r_sq, w_sq = kernels.lamb_moments_(p, grad, exp_avg, exp_avg_sq, *c["betas"], bias1, bias2, c["eps"],
                                                c["weight_decay"]).tolist()
-            w_norm, r_norm = min(math.sqrt(w_sq), c["max_trust"]), math.sqrt(r_sq)
-            step = lr * (w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0)
+            norms = torch.tensor([w_sq, r_sq], dtype=torch.float64)
+            step = lr * trust_from_norms(norms, c["max_trust"]).item()
             kernels.lamb_apply_(p, exp_avg, exp_avg_sq, bias1, bias2, c["eps"], 1 - step * c["weight_decay"], step)
         if previous is not None:
             previous.copy_(torch.tensor([w_sq, r_sq], dtype=previous.dtype))

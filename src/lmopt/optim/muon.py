@@ -1,8 +1,9 @@
 """Muon: momentum orthogonalised by Newton–Schulz (Keller Jordan et al. 2024,
 https://kellerjordan.github.io/posts/muon/; Liu et al. 2025, "Muon is Scalable for LLM Training",
 arXiv:2502.16982). The same algorithm as ``torch.optim.Muon`` (tested step for step), plus what lmopt needs:
-Newton–Schulz batched over same-shape matrices (one ``baddbmm`` chain per shape instead of one per matrix),
-a choice of its precision, and AdamW for the parameters Muon does not own, in the same optimizer.
+Newton–Schulz batched over same-shape matrices on a GPU (one ``baddbmm`` chain per shape instead of one per
+matrix; on a CPU matrix by matrix, where a bf16 batch multiplies slower than its matrices one by one), a choice
+of its precision, and AdamW for the parameters Muon does not own, in the same optimizer.
 
 For each hidden matrix W (m x n), with momentum μ = 0.95:
 
@@ -158,8 +159,10 @@ class Muon(MatrixOptimizer):
             p.add_(like_shard(ortho, p), alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr"]))
 
     def _orthogonalize(self, updates: list[Tensor], group: dict) -> list[Tensor]:
-        """Newton–Schulz of every update, as whole matrices: batched per shape on one process; on FSDP2
-        shards each matrix is gathered and orthogonalised once, by its owner rank (see distributed.py)."""
+        """Newton–Schulz of every update, as whole matrices: on one process batched per shape on a GPU (where one
+        batched product replaces many small launches) and matrix by matrix on a CPU (a bf16 batch multiplies
+        slower there than its matrices one by one); on FSDP2 shards each matrix is gathered and orthogonalised
+        once, by its owner rank (see distributed.py)."""
 
         def ns(X: Tensor) -> Tensor:
             dtype = ns_dtype_for(group["ns_dtype"], X.device)
@@ -170,6 +173,8 @@ class Muon(MatrixOptimizer):
 
         if any(is_dtensor(u) for u in updates):
             return [out[0] for out in owner_map(updates, lambda _, U: [ns(U).to(U.dtype)], lambda _, U: [U.shape])]
+        if updates and updates[0].device.type == "cpu":  # batched products gain nothing on a CPU and cost a copy
+            return [ns(u) for u in updates]
         result: list[Tensor] = [torch.empty(0)] * len(updates)
         for indices in by_shape_indices(updates):
             for i, ortho in zip(indices, ns(torch.stack([updates[i] for i in indices])), strict=True):
