@@ -27,8 +27,9 @@ closer to 1 for the same number of iterations), or a schedule of ``ns_steps`` tr
 (:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (a 4:1 MLP matrix:
 1.7-1.9x faster in fp32 on an AVX2 CPU), in fp32 or wider only; bf16 Newton–Schulz (torch's, and "auto" on a GPU or
 a bf16-native CPU) always takes the standard iteration, because rounding accumulates in a bf16 Gram matrix until
-it diverges (relative error ~1e4 on real gradients, measured). In fp32 it deviates from the exact iteration by
-~1e-5 (Gaussian matrices) to 7e-4 (real gradients), against 2e-2 to 2e-1 for bf16, and its final loss on cpu-full's
+it diverges (relative error 2.5e4 on real gradients: scripts/muon_cpu_probe.py). In fp32 it deviates from the
+exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients), against 2e-2 to 2e-1 for bf16, and its
+final loss on cpu-full's
 held-out seeds is equivalent to the standard iteration's (results/cpu-full/variants.md, muon-gram: Δ −0.0003
 [−0.0024, +0.0017]), the evidence on which it became the default. ``"standard"`` iterates on X for every shape
 (torch's algorithm; what the default was before).
