@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmopt.analysis.collect import hidden_matrix_gradients
 from lmopt.data.paths import atomic_write_text
 from lmopt.model import build_model, get_preset
 from lmopt.optim import Muon, matrix_param_groups
 from lmopt.optim.kernels import NS_COEFFICIENTS, newton_schulz, newton_schulz_gram, polar_express
-from lmopt.train.build import build_run
-from lmopt.train.config import TrainConfig
 from lmopt.train.trainer import cpu_description, git_commit
 
 
@@ -65,21 +64,6 @@ def batch_timings(repeats: int) -> dict[str, float]:
                         "the same two one by one (mm)": lambda: [x @ x.mT for x in X]}, repeats)
 
 
-def real_gradients() -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    cfg = TrainConfig(preset="nano", data="brown", optimizer="adamw", seq_len=64, batch_tokens=1024, steps=8,
-                      warmup_frac=0.1)
-    parts = build_run(cfg)
-    for _ in range(8):
-        x, y = parts.loader.next_batch()
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.model(x, y)[1].backward()
-        parts.optimizer.step()
-        parts.scheduler.step()
-    groups = matrix_param_groups(parts.model, 0.1)
-    return [p.grad.detach().double().clone() for g in groups if g.get("matrix", True) for p in g["params"]]
-
-
 def folded_bf16(G: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int = 5) -> torch.Tensor:
     """Keller's iteration with a folded into the second product: X <- (aI + bA + cA²) X, one product."""
     a, b, c = coefficients
@@ -100,7 +84,7 @@ def accuracy() -> dict[str, tuple[float, float]]:
         return ((O.double() - reference).norm() / reference.norm()).item()
 
     out: dict[str, list[float]] = {}
-    for G in real_gradients():
+    for G in hidden_matrix_gradients("nano", steps=8):
         U, _, Vh = torch.linalg.svd(G, full_matrices=False)
         polar, exact = U @ Vh, newton_schulz(G, dtype=torch.float64)
         rows = {"to U Vᵀ: Keller's 5 steps, bf16": relative(newton_schulz(G.float()), polar),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmopt.optim import Muon, matrix_param_groups
+from lmopt.analysis.collect import hidden_matrix_gradients
+from lmopt.optim import Muon
 from lmopt.optim.kernels import (
     NS_COEFFICIENTS,
     gram_is_cheaper,
@@ -17,7 +18,6 @@ from lmopt.optim.kernels import (
 )
 from lmopt.optim.muon import ns_schedule
 from lmopt.optim.spec import OptionError
-from lmopt.train.build import build_run
 from lmopt.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,19 +75,7 @@ def test_ns_coefficients_options_are_checked():
 @pytest.fixture(scope="module")
 def real_gradients():
     """The hidden matrices' gradients of a nano model after 8 AdamW steps on Brown."""
-    torch.manual_seed(0)
-    cfg = TrainConfig(preset="nano", data="brown", optimizer="adamw", seq_len=64, batch_tokens=1024, steps=8,
-                      warmup_frac=0.1)
-    parts = build_run(cfg)
-    for _ in range(8):
-        x, y = parts.loader.next_batch()
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.model(x, y)[1].backward()
-        parts.optimizer.step()
-        parts.scheduler.step()
-    groups = matrix_param_groups(parts.model, 0.1)
-    matrices = [p for g in groups if g.get("matrix", True) for p in g["params"]]
-    return [p.grad.detach().double().clone() for p in matrices]
+    return hidden_matrix_gradients("nano", steps=8)
 
 
 def polar_error(G: torch.Tensor, O: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lmopt.analysis.spectrum import matrix_report
 from lmopt.data import BatchLoader
 from lmopt.data.paths import atomic_write_text
+from lmopt.optim.matrix import matrix_param_groups
 from lmopt.train.build import build_run
 from lmopt.train.callbacks import Callback
 from lmopt.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -33,6 +34,23 @@ def select_matrices(model: nn.Module, layers: list[int], kinds: tuple[str, ...] 
                 name = f"layers.{layer}.{module}.weight"
                 out[name] = model.get_parameter(name)
     return out
+
+
+def hidden_matrix_gradients(preset: str = "nano", steps: int = 8, seed: int = 0) -> list[Tensor]:
+    """The hidden matrices' gradients (float64 copies) of ``preset`` after ``steps`` AdamW steps on Brown: real
+    gradients, with the spread of singular values an orthogonalisation meets in training."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(preset=preset, data="brown", optimizer="adamw", seq_len=64, batch_tokens=1024, steps=steps,
+                      warmup_frac=0.1)
+    parts = build_run(cfg)
+    for _ in range(steps):
+        x, y = parts.loader.next_batch()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.model(x, y)[1].backward()
+        parts.optimizer.step()
+        parts.scheduler.step()
+    groups = matrix_param_groups(parts.model, 0.1)
+    return [p.grad.detach().double().clone() for g in groups if g.get("matrix", True) for p in g["params"]]
 
 
 def micro_batch_gradients(model: nn.Module, params: dict[str, Tensor], loader: BatchLoader, n_micro: int,

@@ -58,7 +58,7 @@ def rotation_dtype_for(name: str, param_dtype: torch.dtype, device: torch.device
     if name == "bfloat16":
         return torch.bfloat16
     if name == "auto" and param_dtype.itemsize <= 4:
-        return fast_matmul_dtype(device) if param_dtype.is_floating_point else param_dtype
+        return fast_matmul_dtype(device)
     return param_dtype
 
 
