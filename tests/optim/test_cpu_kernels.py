@@ -116,6 +116,37 @@ def test_two_pass_adam_family_matches_its_eager_update(name):
         assert not torch.equal(results[1][0], w)
 
 
+@pytest.mark.parametrize("name, options", [("lamb", {}), ("lamb", {"trust_from": "previous"}),
+                                           ("stable-adamw", {})])
+def test_multi_tensor_steps_match_the_eager_update_tensor_by_tensor(name, options):
+    """One C++ call steps every tensor (lamb_steps_, stable_adamw_steps_): each with its own group's lr and weight
+    decay, fp32 and fp64 in the same call, a bf16 parameter (which the kernels do not take) beside them through the
+    eager update, and a tensor without a gradient at one step (its state and step count stay behind)."""
+    from lmopt.registry import OPTIMIZERS
+
+    gen = torch.Generator().manual_seed(3)
+    shapes_dtypes = [((700, 33), torch.float32), ((5001,), torch.float32), ((40, 9), torch.float64),
+                     ((64, 32), torch.bfloat16), ((17,), torch.float32)]
+    start = [torch.randn(shape, generator=gen).to(dtype) for shape, dtype in shapes_dtypes]
+    grads = [[3**i * torch.randn(w.shape, generator=gen).to(w.dtype) for w in start] for i in range(4)]
+    results = []
+    for impl in ("for-loop", "fused"):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        groups = [{"params": params[:2], "lr": 0.05, "weight_decay": 0.1},
+                  {"params": params[2:], "lr": 0.02, "weight_decay": 0.0}]
+        opt = OPTIMIZERS.get(name).cls(groups, impl=impl, **options)
+        for step, step_grads in enumerate(grads):
+            for j, (p, g) in enumerate(zip(params, step_grads, strict=True)):
+                p.grad = None if (step == 1 and j == 1) else g.clone()
+            opt.step()
+        results.append([(p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")))
+                        for p in params])
+    for eager, fused in zip(*results, strict=True):
+        for a, b in zip(eager, fused, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(r[0], w) for r, w in zip(results[1], start, strict=True))
+
+
 @pytest.mark.parametrize("gamma_from", ["current", "previous"])
 @pytest.mark.parametrize("stability", ["cosine", "variance"])
 def test_msam_passes_match_its_eager_update(stability, gamma_from):

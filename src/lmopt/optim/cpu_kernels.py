@@ -248,44 +248,75 @@ void lamb_apply(T* p, const T* m, const T* v, int64_t n, double bias1, double bi
   for (int64_t j = 0; j < n; ++j) p[j] = p[j] * d - s * (m[j] * ib1) / (std::sqrt(v[j] * ib2) + e);
 }
 
-torch::Tensor lamb_moments_(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1,
-                            double beta2, double bias1, double bias2, double eps, double wd) {
-  auto out = torch::empty({2}, p.options().dtype(torch::kFloat64));
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_moments", [&] {
-    lamb_pass<scalar_t, false>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
-                               v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0,
-                               out.data_ptr<double>());
-  });
-  return out;
+// LAMB's trust ratio min(||w||, max_trust) / ||r|| from ||w||^2 and ||r||^2 (1 where either norm is 0), in the
+// precision of its inputs, as lamb.py's trust_from_norms
+template <typename T>
+T lamb_trust(T w_sq, T r_sq, double max_trust) {
+  const T w = std::min(std::sqrt(w_sq), static_cast<T>(max_trust)), r = std::sqrt(r_sq);
+  return (w > 0 && r > 0) ? w / r : T(1);
 }
 
-torch::Tensor lamb_step_(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1,
-                         double beta2, double bias1, double bias2, double eps, double wd, double decay, double step) {
-  auto out = torch::empty({2}, p.options().dtype(torch::kFloat64));
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_step", [&] {
-    lamb_pass<scalar_t, true>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
-                              v.data_ptr<scalar_t>(), p.numel(), beta1, beta2, bias1, bias2, eps, wd, decay, step,
-                              out.data_ptr<double>());
-  });
-  return out;
+// A whole LAMB step of many tensors in one call (no Python between tensors): per tensor the paper's two passes
+// with the trust ratio between them, or, where `previous` holds the previous step's [||w||^2, ||r||^2] (one (2,)
+// tensor per parameter, trust_from="previous"), one pass stepping by the previous ratio; `previous` then
+// receives this step's norms. `settings`: one float64 row per tensor: lr, beta1, beta2, 1 - beta1^t,
+// 1 - beta2^t, eps, weight_decay, max_trust.
+void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
+                 std::vector<torch::Tensor> v, std::vector<torch::Tensor> previous, torch::Tensor settings) {
+  TORCH_CHECK(settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 && settings.size(1) == 8 &&
+                  settings.size(0) == static_cast<int64_t>(p.size()) && settings.is_contiguous(),
+              "lamb_steps_ takes a contiguous float64 (tensors x 8) settings table");
+  TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size() &&
+                  (previous.empty() || previous.size() == p.size()), "lamb_steps_: one g, m, v (and norms) per p");
+  const double* rows = settings.data_ptr<double>();
+  for (size_t i = 0; i < p.size(); ++i) {
+    const double* s = rows + 8 * i;
+    const double lr = s[0], beta1 = s[1], beta2 = s[2], bias1 = s[3], bias2 = s[4], eps = s[5], wd = s[6];
+    AT_DISPATCH_FLOATING_TYPES(p[i].scalar_type(), "lamb_steps", [&] {
+      scalar_t* w = p[i].data_ptr<scalar_t>();
+      const scalar_t* grad = g[i].data_ptr<scalar_t>();
+      scalar_t *mi = m[i].data_ptr<scalar_t>(), *vi = v[i].data_ptr<scalar_t>();
+      scalar_t* norms = previous.empty() ? nullptr : previous[i].data_ptr<scalar_t>();
+      const int64_t n = p[i].numel();
+      double sums[2];  // ||r||^2, ||w||^2 of this step
+      if (norms != nullptr && norms[1] > 0) {
+        const double step = lr * static_cast<double>(lamb_trust<scalar_t>(norms[0], norms[1], s[7]));
+        lamb_pass<scalar_t, true>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1 - step * wd, step, sums);
+      } else {
+        lamb_pass<scalar_t, false>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0, sums);
+        const double step = lr * lamb_trust<double>(sums[1], sums[0], s[7]);
+        lamb_apply<scalar_t>(w, mi, vi, n, bias1, bias2, eps, 1 - step * wd, step);
+      }
+      if (norms != nullptr) {
+        norms[0] = static_cast<scalar_t>(sums[1]);
+        norms[1] = static_cast<scalar_t>(sums[0]);
+      }
+    });
+  }
 }
 
-double stable_moments_(torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2, double bias2,
-                       double eps) {
-  double out = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "clipped_moments", [&] {
-    out = clipped_moments<scalar_t>(g.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                    g.numel(), beta1, beta2, bias2, eps);
-  });
-  return out;
-}
-
-void lamb_apply_(torch::Tensor p, torch::Tensor m, torch::Tensor v, double bias1, double bias2, double eps,
-                 double decay, double step) {
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_apply", [&] {
-    lamb_apply<scalar_t>(p.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), p.numel(), bias1,
-                         bias2, eps, decay, step);
-  });
+// A whole StableAdamW step of many tensors in one call: per tensor the moments with sum g^2 / max(v_hat, eps^2),
+// then LAMB's step pass with decay 1 - lr wd and step lr / max(1, RMS). `settings`: one float64 row per tensor:
+// lr, beta1, beta2, 1 - beta1^t, 1 - beta2^t, eps, weight_decay.
+void stable_adamw_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
+                         std::vector<torch::Tensor> v, torch::Tensor settings) {
+  TORCH_CHECK(settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 && settings.size(1) == 7 &&
+                  settings.size(0) == static_cast<int64_t>(p.size()) && settings.is_contiguous(),
+              "stable_adamw_steps_ takes a contiguous float64 (tensors x 7) settings table");
+  TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size(),
+              "stable_adamw_steps_: one g, m, v per p");
+  const double* rows = settings.data_ptr<double>();
+  for (size_t i = 0; i < p.size(); ++i) {
+    const double* s = rows + 7 * i;
+    const double lr = s[0], bias1 = s[3], bias2 = s[4], eps = s[5], wd = s[6];
+    AT_DISPATCH_FLOATING_TYPES(p[i].scalar_type(), "stable_adamw_steps", [&] {
+      scalar_t *mi = m[i].data_ptr<scalar_t>(), *vi = v[i].data_ptr<scalar_t>();
+      const int64_t n = p[i].numel();
+      const double ratios = clipped_moments<scalar_t>(g[i].data_ptr<scalar_t>(), mi, vi, n, s[1], s[2], bias2, eps);
+      const double clip = std::max(1.0, std::sqrt(ratios / static_cast<double>(n)));
+      lamb_apply<scalar_t>(p[i].data_ptr<scalar_t>(), mi, vi, n, bias1, bias2, eps, 1 - lr * wd, lr / clip);
+    });
+  }
 }
 
 // MSAM, pass 1: a.b, a.a, b.b (one read of a and b).
@@ -891,10 +922,10 @@ void adafactor_update(torch::Tensor p, torch::Tensor g, torch::Tensor row_factor
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # vector instructions torch itself dispatches to on this CPU (torch.backends.cpu.get_cpu_capability())
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
-_FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_moments_", "lamb_apply_",
-              "lamb_step_", "stable_moments_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
+_FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_steps_",
+              "stable_adamw_steps_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
               "spectra_apply_", "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v19"
+_NAME = "lmopt_cpu_kernels_v24"
 _failure: list[str] = []
 
 

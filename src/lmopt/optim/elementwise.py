@@ -134,13 +134,20 @@ class ElementwiseOptimizer(LmoptOptimizer):
             return
         compiled = self.impl == "compiled" and not any(is_dtensor(p) for p in params)
         if not (compiled and self._run_compiled(work, tensors, scalars, constants, grads)):
-            fused = self.impl == "fused"
-            for w, g, ts, s, c in zip(work, grads, tensors, scalars, constants, strict=True):
-                if not (fused and self.fused_update(w, g, ts, s, c)):
+            fused = (self.fused_updates(work, grads, tensors, scalars, constants) if self.impl == "fused"
+                     else [False] * len(work))
+            for w, g, ts, s, c, done in zip(work, grads, tensors, scalars, constants, fused, strict=True):
+                if not done:
                     self.update(w, g, ts, s, c)
         for p, w in zip(params, work, strict=True):
             if w is not p:
                 p.copy_(w)
+
+    def fused_updates(self, params: list[Tensor], grads: list[Tensor], tensors: list[list[Tensor]],
+                      scalars: list[tuple[float, ...]], constants: list[dict]) -> list[bool]:
+        """impl "fused": update what the C++ kernels take, saying which tensors they updated (the others then run
+        ``update``); by default tensor by tensor through the subclass's ``fused_update``."""
+        return [self.fused_update(*args) for args in zip(params, grads, tensors, scalars, constants, strict=True)]
 
     def _run_compiled(self, params, tensors, scalars, constants, grads=None) -> bool:
         return run_compiled(self, type(self).update, params, tensors, scalars, constants, grads=grads)
@@ -158,6 +165,26 @@ class AdamFamily(ElementwiseOptimizer):
 
     def constants(self, group: dict) -> dict[str, Any]:
         return {k: group[k] for k in ("betas", "eps", "weight_decay", *self.constant_keys)}
+
+
+def fused_adam_family(params: list[Tensor], grads: list[Tensor], tensors: list[list[Tensor]],
+                      ) -> tuple[Any, list[bool]]:
+    """The C++ kernels (None where they cannot be built) and which tensors they take: fp32/fp64 CPU tensors
+    whose gradient and two moments match them (:func:`lmopt.optim.cpu_kernels.usable`)."""
+    from lmopt.optim import cpu_kernels
+
+    kernels = cpu_kernels.kernels()
+    return kernels, [kernels is not None and cpu_kernels.usable(p, g, *ts[:2], matrix=False)
+                     for p, g, ts in zip(params, grads, tensors, strict=True)]
+
+
+def adam_settings(chosen: list[int], scalars: list[tuple[float, ...]], constants: list[dict],
+                  extra: Sequence[str] = ()) -> Tensor:
+    """The C++ multi-tensor steps' settings table: per chosen tensor one float64 row lr, β1, β2, 1 - β1^t,
+    1 - β2^t, ε, λ, then the ``extra`` constants."""
+    return torch.tensor([[scalars[i][0], *constants[i]["betas"], *scalars[i][1:], constants[i]["eps"],
+                          constants[i]["weight_decay"], *(constants[i][key] for key in extra)] for i in chosen],
+                        dtype=torch.float64)
 
 
 def run_compiled(optimizer: torch.optim.Optimizer, update: Update, params: list[Tensor], tensors: list[list[Tensor]],

@@ -29,7 +29,7 @@ from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_
+from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, adam_settings, fused_adam_family
 from lmopt.optim.spec import OptionError, register_class
 
 TRUST_TIMINGS = ("current", "previous")
@@ -105,29 +105,21 @@ class LAMB(AdamFamily):
             state["trust_norms"] = replicate_like(torch.zeros(2, dtype=dtype, device=p.device), p)
         return [*super().tensors(p, state, group), state["trust_norms"]]
 
-    def fused_update(self, p, grad, tensors, scalars, c) -> bool:
-        """C++ passes (:mod:`lmopt.optim.cpu_kernels`): the moments with ||r||² and ||w||², then the step; with
+    def fused_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """Every fp32/fp64 CPU tensor's step in one C++ call per ``trust_from`` (:mod:`lmopt.optim.cpu_kernels`'
+        ``lamb_steps_``): per tensor the moments with ||r||² and ||w||², the trust ratio, then the step; with
         ``trust_from="previous"`` after the first step, one pass that steps by the previous ratio and sums this
-        step's norms."""
-        exp_avg, exp_avg_sq = tensors[:2]
-        kernels = cpu_kernels.kernels_for(p, grad, exp_avg, exp_avg_sq, matrix=False)
-        if kernels is None:
-            return False
-        lr, bias1, bias2 = scalars
-        previous = tensors[2] if c["trust_from"] == "previous" else None
-        if previous is not None and previous[1].item() > 0:
-            step = lr * trust_from_norms(previous, c["max_trust"]).item()
-            r_sq, w_sq = kernels.lamb_step_(p, grad, exp_avg, exp_avg_sq, *c["betas"], bias1, bias2, c["eps"],
-                                            c["weight_decay"], 1 - step * c["weight_decay"], step).tolist()
-        else:
-            r_sq, w_sq = kernels.lamb_moments_(p, grad, exp_avg, exp_avg_sq, *c["betas"], bias1, bias2, c["eps"],
-                                               c["weight_decay"]).tolist()
-            norms = torch.tensor([w_sq, r_sq], dtype=torch.float64)
-            step = lr * trust_from_norms(norms, c["max_trust"]).item()
-            kernels.lamb_apply_(p, exp_avg, exp_avg_sq, bias1, bias2, c["eps"], 1 - step * c["weight_decay"], step)
-        if previous is not None:
-            previous.copy_(torch.tensor([w_sq, r_sq], dtype=previous.dtype))
-        return True
+        step's norms. One call for the whole step: per tensor, the Python between the two passes cost ~20% of
+        the step on qwen3-134m (133 of its 134 tensors are small next to the embedding)."""
+        kernels, fused = fused_adam_family(params, grads, tensors)
+        for timing in TRUST_TIMINGS:
+            chosen = [i for i, ok in enumerate(fused) if ok and constants[i]["trust_from"] == timing]
+            if chosen:
+                kernels.lamb_steps_(*([x[i] for i in chosen] for x in (params, grads)),
+                                    *([tensors[i][j] for i in chosen] for j in range(2)),
+                                    [tensors[i][2] for i in chosen] if timing == "previous" else [],
+                                    adam_settings(chosen, scalars, constants, extra=["max_trust"]))
+        return fused
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):

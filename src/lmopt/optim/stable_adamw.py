@@ -15,14 +15,19 @@ Defaults: betas (0.9, 0.95) like lmopt's AdamW, eps 1e-8 (the paper uses 1e-6 wi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_
+from lmopt.optim.elementwise import (
+    AdamFamily,
+    adam_direction,
+    adam_moments_,
+    adam_settings,
+    add_scaled_,
+    fused_adam_family,
+)
 from lmopt.optim.spec import register_class
 
 
@@ -60,19 +65,17 @@ class StableAdamW(AdamFamily):
 
     impls = (*ELEMENTWISE_IMPLS, "fused")
 
-    def fused_update(self, p, grad, tensors, scalars, c) -> bool:
-        """Two C++ passes (:mod:`lmopt.optim.cpu_kernels`): the moments with sum g²/max(v̂, ε²), then LAMB's step
-        pass with decay 1 - lr λ and step lr / max(1, RMS)."""
-        exp_avg, exp_avg_sq = tensors
-        kernels = cpu_kernels.kernels_for(p, grad, exp_avg, exp_avg_sq, matrix=False)
-        if kernels is None:
-            return False
-        lr, bias1, bias2 = scalars
-        ratios = kernels.stable_moments_(grad, exp_avg, exp_avg_sq, *c["betas"], bias2, c["eps"])
-        clip = max(1.0, math.sqrt(ratios / grad.numel()))
-        kernels.lamb_apply_(p, exp_avg, exp_avg_sq, bias1, bias2, c["eps"], 1 - lr * c["weight_decay"], lr / clip)
-        return True
-
+    def fused_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """Every fp32/fp64 CPU tensor's step in one C++ call (:mod:`lmopt.optim.cpu_kernels`'
+        ``stable_adamw_steps_``): per tensor the moments with sum g²/max(v̂, ε²), then LAMB's step pass with decay
+        1 - lr λ and step lr / max(1, RMS)."""
+        kernels, fused = fused_adam_family(params, grads, tensors)
+        chosen = [i for i, ok in enumerate(fused) if ok]
+        if chosen:
+            kernels.stable_adamw_steps_(*([x[i] for i in chosen] for x in (params, grads)),
+                                        *([tensors[i][j] for i in chosen] for j in range(2)),
+                                        adam_settings(chosen, scalars, constants))
+        return fused
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
