@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -302,7 +303,7 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
         OPTIMIZERS.get(name)
         TrainConfig(**(settings | {"optimizer": name, "optim": options[name]}))
     result = run_overhead(settings, args.optimizers, args.steps, args.rounds, args.skip, options, log=_log)
-    command = " ".join(["lmopt", *sys.argv[1:]])
+    command = invoked_command()
     path = write_overhead_results(result, Path(args.out), command, git_commit())
     _log(path.read_text())
     return 0
@@ -341,7 +342,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             result["train_step"] = bench_step.run_train_step_benchmark(args.train_preset, only=args.only,
                                                                        compiled=compiled, log=_log)
             result["trainer_overhead"] = bench_step.run_trainer_overhead(args.train_preset, log=_log)
-        command = " ".join(["lmopt", *sys.argv[1:]])
+        command = invoked_command()
         path = bench_step.write_step_results(result, Path(args.out), command, git_commit())
         _log(path.read_text())
         return 0
@@ -489,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": _cmd_train, "data": _cmd_data, "bench": _cmd_bench, "spectrum": _cmd_spectrum,
             "presets": _cmd_presets, "optimizers": _cmd_optimizers}
+
+
+def invoked_command() -> str:
+    """This process's command line as a results file quotes it: ``lmopt`` and the arguments, each quoted where the
+    shell needs it (row names such as "lamb (fused)" have spaces), so it can be pasted back."""
+    return shlex.join(["lmopt", *sys.argv[1:]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 import json
 import math
+import sys
 import threading
 import time
 
@@ -504,3 +505,15 @@ def test_a_grid_end_check_is_superseded_once_the_grid_holds_its_value():
     wide = SimpleNamespace(knobs=(Knob("optim.momentum", (0.6, 0.8, 0.9), 0.9),))
     assert not _inside_grid(check, narrow) and _inside_grid(check, wide)
     assert not _inside_grid(Variant("v", "muon", (("optim.momentum", 0.6),)), wide)  # only grid-end checks
+
+
+def test_results_files_quote_the_command_so_it_can_be_pasted_back(monkeypatch):
+    import shlex
+
+    from lmopt.cli import invoked_command
+
+    argv = ["lmopt", "bench", "step", "--only", "lamb (fused)", "adamw", "--threads", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    command = invoked_command()
+    assert "'lamb (fused)'" in command
+    assert shlex.split(command) == argv
