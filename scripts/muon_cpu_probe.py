@@ -15,32 +15,20 @@ Speed here, accuracy in the tests: nothing in this file is asserted.
 from __future__ import annotations
 
 import argparse
-import statistics
+import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmopt.analysis.collect import hidden_matrix_gradients
+from lmopt.bench.step import interleaved_medians
 from lmopt.data.paths import atomic_write_text
 from lmopt.model import build_model, get_preset
 from lmopt.optim import Muon, matrix_param_groups
 from lmopt.optim.kernels import NS_COEFFICIENTS, newton_schulz, newton_schulz_gram, polar_express
 from lmopt.train.trainer import cpu_description, git_commit
-
-
-def interleaved(candidates: dict, repeats: int) -> dict[str, float]:
-    for f in candidates.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    for _ in range(repeats):
-        for name, f in candidates.items():
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def layer_timings(repeats: int) -> dict[str, float]:
@@ -55,13 +43,13 @@ def layer_timings(repeats: int) -> dict[str, float]:
                                                          ns_steps=4)}
     opts = {"torch.optim.Muon": torch.optim.Muon(mats, lr=1e-3)}
     opts |= {name: Muon(mats, lr=1e-3, adjust_lr="original", **o) for name, o in options.items()}
-    return interleaved({name: o.step for name, o in opts.items()}, repeats)
+    return interleaved_medians({name: o.step for name, o in opts.items()}, repeats)
 
 
 def batch_timings(repeats: int) -> dict[str, float]:
     X = torch.randn(2, 512, 2048).bfloat16()
-    return interleaved({"bf16 batch of two (bmm)": lambda: torch.bmm(X, X.mT),
-                        "the same two one by one (mm)": lambda: [x @ x.mT for x in X]}, repeats)
+    return interleaved_medians({"bf16 batch of two (bmm)": lambda: torch.bmm(X, X.mT),
+                                "the same two one by one (mm)": lambda: [x @ x.mT for x in X]}, repeats)
 
 
 def folded_bf16(G: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int = 5) -> torch.Tensor:
@@ -109,8 +97,9 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(args.threads)
     layer, batch, errors = layer_timings(args.repeats), batch_timings(args.repeats), accuracy()
     torch_ms = layer["torch.optim.Muon"]
+    command = shlex.join(["python", "scripts/muon_cpu_probe.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# Muon's Newton–Schulz on this CPU: time and accuracy of the options", "",
-             f"Made by `python scripts/muon_cpu_probe.py {' '.join(sys.argv[1:] if argv is None else argv)}` at "
+             f"Made by `{command}` at "
              f"commit `{git_commit()}`; {cpu_description()}, torch {torch.__version__}, {args.threads} threads. "
              f"Medians of {args.repeats} interleaved repeats; a shared VM, so read the second digit loosely.", "",
              "## One qwen3-134m layer's 7 hidden matrices, one Muon step", "",

@@ -517,3 +517,12 @@ def test_results_files_quote_the_command_so_it_can_be_pasted_back(monkeypatch):
     command = invoked_command()
     assert "'lamb (fused)'" in command
     assert shlex.split(command) == argv
+
+
+def test_interleaved_medians_runs_each_candidate_once_untimed_then_in_turns():
+    from lmopt.bench.step import interleaved_medians
+
+    calls: list[str] = []
+    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())

@@ -51,6 +51,14 @@ def test_targets_are_computed_from_the_file():
     assert "0.50x with `rotation=\"kronecker\"`; 0.80x with `rotation_dtype=\"param\"` (fp32) | no |" in fp32
 
 
+def test_lamb_option_is_reported_beside_the_paper_timing_whose_verdict_counts():
+    slow = RESULTS | {"lamb (compiled)": row(0.13, 1.6), "lamb (fused, trust from the previous step)": row(0.08, 1.0)}
+    text = summary({"results": slow})
+    assert "lamb 1.60x; lamb with `trust_from=\"previous\"` (our option) 1.00x | no: lamb at the paper's timing " \
+           "(yes with the option) |" in text
+    assert fastest_rows(slow)["lamb"] == "lamb (compiled)"  # the option is not LAMB's default
+
+
 def test_the_readme_quotes_the_committed_step_results():
     import json
     from pathlib import Path

@@ -116,12 +116,14 @@ def test_two_pass_adam_family_matches_its_eager_update(name):
         assert not torch.equal(results[1][0], w)
 
 
-@pytest.mark.parametrize("name, options", [("lamb", {}), ("lamb", {"trust_from": "previous"}),
-                                           ("stable-adamw", {})])
-def test_multi_tensor_steps_match_the_eager_update_tensor_by_tensor(name, options):
+@pytest.mark.parametrize("name, options, second", [("lamb", {}, {}), ("lamb", {"trust_from": "previous"}, {}),
+                                                   ("lamb", {}, {"trust_from": "previous"}),
+                                                   ("stable-adamw", {}, {})])
+def test_multi_tensor_steps_match_the_eager_update_tensor_by_tensor(name, options, second):
     """One C++ call steps every tensor (lamb_steps_, stable_adamw_steps_): each with its own group's lr and weight
     decay, fp32 and fp64 in the same call, a bf16 parameter (which the kernels do not take) beside them through the
-    eager update, and a tensor without a gradient at one step (its state and step count stay behind)."""
+    eager update, and a tensor without a gradient at one step (its state and step count stay behind); LAMB's two
+    trust timings in two groups of one optimizer, with the previous step's norms compared too."""
     from lmopt.registry import OPTIMIZERS
 
     gen = torch.Generator().manual_seed(3)
@@ -133,13 +135,14 @@ def test_multi_tensor_steps_match_the_eager_update_tensor_by_tensor(name, option
     for impl in ("for-loop", "fused"):
         params = [torch.nn.Parameter(w.clone()) for w in start]
         groups = [{"params": params[:2], "lr": 0.05, "weight_decay": 0.1},
-                  {"params": params[2:], "lr": 0.02, "weight_decay": 0.0}]
+                  {"params": params[2:], "lr": 0.02, "weight_decay": 0.0, **second}]
         opt = OPTIMIZERS.get(name).cls(groups, impl=impl, **options)
         for step, step_grads in enumerate(grads):
             for j, (p, g) in enumerate(zip(params, step_grads, strict=True)):
                 p.grad = None if (step == 1 and j == 1) else g.clone()
             opt.step()
-        results.append([(p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")))
+        results.append([(p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq",
+                                                                                   "trust_norms") if k in opt.state[p]))
                         for p in params])
     for eager, fused in zip(*results, strict=True):
         for a, b in zip(eager, fused, strict=True):

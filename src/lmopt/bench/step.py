@@ -44,6 +44,9 @@ SPECTRA_REFRESH = 10  # the refresh interval measured beside Spectra's default
 CPU = torch.device("cpu")
 
 
+LAMB_PREVIOUS = "lamb (fused, trust from the previous step)"  # LAMB's one-pass option
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
@@ -66,7 +69,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["spectra (fused, refresh after the step)"] = ("spectra", {"impl": "fused", "refresh_timing": "after"})
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
-    out["lamb (fused, trust from the previous step)"] = ("lamb", {"impl": "fused", "trust_from": "previous"})
+    out[LAMB_PREVIOUS] = ("lamb", {"impl": "fused", "trust_from": "previous"})
     out["stable-adamw (fused)"] = ("stable-adamw", {"impl": "fused"})
     out["msam (fused)"] = ("msam", {"impl": "fused"})
     out["msam (fused, γ from this step)"] = ("msam", {"impl": "fused", "gamma_from": "current"})
@@ -134,6 +137,15 @@ def _interleaved_times(steps: dict[str, Callable[[], None]], repeats: int,
             _synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int,
+                        device: torch.device = CPU) -> dict[str, float]:
+    """Each callable run once untimed, then ``repeats`` rounds of all of them in turn: the median of each, in ms
+    (the probes in scripts/ time their candidates this way)."""
+    for step in steps.values():
+        step()
+    return {name: statistics.median(t) * 1e3 for name, t in _interleaved_times(steps, repeats, device).items()}
 
 
 def paired_ratio_spread(times: list[float], base_times: list[float]) -> dict:

@@ -248,6 +248,17 @@ void lamb_apply(T* p, const T* m, const T* v, int64_t n, double bias1, double bi
   for (int64_t j = 0; j < n; ++j) p[j] = p[j] * d - s * (m[j] * ib1) / (std::sqrt(v[j] * ib2) + e);
 }
 
+// The multi-tensor steps' check of each parameter's companions: contiguous CPU tensors of its dtype, each with as
+// many elements as it (`numel` < 0) or exactly `numel` (a per-tensor statistic)
+void check_like(const torch::Tensor& p, std::initializer_list<torch::Tensor> others, const char* name,
+                int64_t numel = -1) {
+  for (const auto& t : others) {
+    TORCH_CHECK(p.device().is_cpu() && t.device().is_cpu() && p.is_contiguous() && t.is_contiguous() &&
+                    t.scalar_type() == p.scalar_type() && t.numel() == (numel < 0 ? p.numel() : numel),
+                name, ": every tensor must be a contiguous CPU tensor of its parameter's dtype and size");
+  }
+}
+
 // LAMB's trust ratio min(||w||, max_trust) / ||r|| from ||w||^2 and ||r||^2 (1 where either norm is 0), in the
 // precision of its inputs, as lamb.py's trust_from_norms
 template <typename T>
@@ -263,11 +274,16 @@ T lamb_trust(T w_sq, T r_sq, double max_trust) {
 // 1 - beta2^t, eps, weight_decay, max_trust.
 void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
                  std::vector<torch::Tensor> v, std::vector<torch::Tensor> previous, torch::Tensor settings) {
-  TORCH_CHECK(settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 && settings.size(1) == 8 &&
+  TORCH_CHECK(settings.device().is_cpu() && settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 &&
+                  settings.size(1) == 8 &&
                   settings.size(0) == static_cast<int64_t>(p.size()) && settings.is_contiguous(),
               "lamb_steps_ takes a contiguous float64 (tensors x 8) settings table");
   TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size() &&
                   (previous.empty() || previous.size() == p.size()), "lamb_steps_: one g, m, v (and norms) per p");
+  for (size_t i = 0; i < p.size(); ++i) {  // all checked before any tensor is stepped
+    check_like(p[i], {g[i], m[i], v[i]}, "lamb_steps_");
+    if (!previous.empty()) check_like(p[i], {previous[i]}, "lamb_steps_", 2);
+  }
   const double* rows = settings.data_ptr<double>();
   for (size_t i = 0; i < p.size(); ++i) {
     const double* s = rows + 8 * i;
@@ -300,11 +316,13 @@ void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std
 // lr, beta1, beta2, 1 - beta1^t, 1 - beta2^t, eps, weight_decay.
 void stable_adamw_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
                          std::vector<torch::Tensor> v, torch::Tensor settings) {
-  TORCH_CHECK(settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 && settings.size(1) == 7 &&
+  TORCH_CHECK(settings.device().is_cpu() && settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 &&
+                  settings.size(1) == 7 &&
                   settings.size(0) == static_cast<int64_t>(p.size()) && settings.is_contiguous(),
               "stable_adamw_steps_ takes a contiguous float64 (tensors x 7) settings table");
   TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size(),
               "stable_adamw_steps_: one g, m, v per p");
+  for (size_t i = 0; i < p.size(); ++i) check_like(p[i], {g[i], m[i], v[i]}, "stable_adamw_steps_");
   const double* rows = settings.data_ptr<double>();
   for (size_t i = 0; i < p.size(); ++i) {
     const double* s = rows + 7 * i;
@@ -925,7 +943,7 @@ _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl",
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_steps_",
               "stable_adamw_steps_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
               "spectra_apply_", "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v24"
+_NAME = "lmopt_cpu_kernels_v25"
 _failure: list[str] = []
 
 
@@ -1004,9 +1022,10 @@ def kernels_for(*tensors: torch.Tensor, matrix: bool = True) -> ModuleType | Non
     return built if built is not None and usable(*tensors, matrix=matrix) else None
 
 
-def usable(*tensors: torch.Tensor, matrix: bool = True) -> bool:
-    """The kernels take contiguous float32/float64 CPU tensors of one dtype and shape (2-D where ``matrix``)."""
+def usable(*tensors: torch.Tensor, matrix: bool = True, same_shape: bool = True) -> bool:
+    """The kernels take contiguous float32/float64 CPU tensors of one dtype and (where ``same_shape``) one shape,
+    2-D where ``matrix``."""
     first = tensors[0]
     return all(t.device.type == "cpu" and (t.dim() == 2 or not matrix) and t.is_contiguous()
-               and t.dtype == first.dtype and t.dtype in (torch.float32, torch.float64) and t.shape == first.shape
-               and not is_dtensor(t) for t in tensors)
+               and t.dtype == first.dtype and t.dtype in (torch.float32, torch.float64)
+               and (t.shape == first.shape or not same_shape) and not is_dtensor(t) for t in tensors)

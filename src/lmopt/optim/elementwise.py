@@ -83,7 +83,7 @@ def _compiled_loop(update: Update) -> Callable:
 class ElementwiseOptimizer(LmoptOptimizer):
     """Base class of the per-tensor optimizers (see the module docstring)."""
 
-    impls: tuple[str, ...] = IMPLS  # a subclass with a ``fused_update`` adds "fused"
+    impls: tuple[str, ...] = IMPLS  # a subclass with ``fused_update`` (or ``fused_updates``) adds "fused"
 
     def __init__(self, params, defaults: dict, impl: str = "for-loop") -> None:
         check_impl(impl, self.impls)
@@ -184,7 +184,7 @@ def adam_settings(chosen: list[int], scalars: list[tuple[float, ...]], constants
     1 - β2^t, ε, λ, then the ``extra`` constants."""
     return torch.tensor([[scalars[i][0], *constants[i]["betas"], *scalars[i][1:], constants[i]["eps"],
                           constants[i]["weight_decay"], *(constants[i][key] for key in extra)] for i in chosen],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device="cpu")
 
 
 def run_compiled(optimizer: torch.optim.Optimizer, update: Update, params: list[Tensor], tensors: list[list[Tensor]],

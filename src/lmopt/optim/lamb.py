@@ -109,15 +109,18 @@ class LAMB(AdamFamily):
         """Every fp32/fp64 CPU tensor's step in one C++ call per ``trust_from`` (:mod:`lmopt.optim.cpu_kernels`'
         ``lamb_steps_``): per tensor the moments with ||r||² and ||w||², the trust ratio, then the step; with
         ``trust_from="previous"`` after the first step, one pass that steps by the previous ratio and sums this
-        step's norms. One call for the whole step: per tensor, the Python between the two passes cost ~20% of
-        the step on qwen3-134m (133 of its 134 tensors are small next to the embedding)."""
+        step's norms. One call for the whole step (scripts/lamb_cpu_probe.py times a call per tensor against it on
+        qwen3-134m)."""
         kernels, fused = fused_adam_family(params, grads, tensors)
-        for timing in TRUST_TIMINGS:
-            chosen = [i for i, ok in enumerate(fused) if ok and constants[i]["trust_from"] == timing]
+        previous = [c["trust_from"] == "previous" for c in constants]  # anything else: the paper's, as ``update``
+        fused = [ok and (not prev or cpu_kernels.usable(p, ts[2], matrix=False, same_shape=False))
+                 for ok, prev, p, ts in zip(fused, previous, params, tensors, strict=True)]
+        for timing in (False, True):
+            chosen = [i for i, ok in enumerate(fused) if ok and previous[i] == timing]
             if chosen:
                 kernels.lamb_steps_(*([x[i] for i in chosen] for x in (params, grads)),
                                     *([tensors[i][j] for i in chosen] for j in range(2)),
-                                    [tensors[i][2] for i in chosen] if timing == "previous" else [],
+                                    [tensors[i][2] for i in chosen] if timing else [],
                                     adam_settings(chosen, scalars, constants, extra=["max_trust"]))
         return fused
 
