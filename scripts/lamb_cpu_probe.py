@@ -15,18 +15,13 @@ write), from which the cost of a read and a write is solved. Interleaved medians
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 
-from lmopt.bench.step import interleaved_medians
-from lmopt.data.paths import atomic_write_text
+from lmopt.bench.step import interleaved_medians, probe_arguments, write_probe
 from lmopt.model import build_model, get_preset
 from lmopt.optim.lamb import LAMB
-from lmopt.train.trainer import cpu_description, git_commit
 
 
 class TensorByTensorLAMB(LAMB):
@@ -61,19 +56,9 @@ def read_write_timings(repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="results/step/lamb-cpu-probe.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = probe_arguments(__doc__, "results/step/lamb-cpu-probe.md", 11, argv)
     steps, rw = step_timings(args.repeats), read_write_timings(args.repeats)
-    command = shlex.join(["python", "scripts/lamb_cpu_probe.py", *(sys.argv[1:] if argv is None else argv)])
-    lines = ["# LAMB's fused step on this CPU", "",
-             f"Made by `{command}` at "
-             f"commit `{git_commit()}`; {cpu_description()}, torch {torch.__version__}, {args.threads} threads. "
-             f"Medians of {args.repeats} interleaved repeats; a shared VM, so read the second digit loosely.", "",
-             "## One step on qwen3-134m's parameters", "", "| parameters | optimizer | ms | vs fused AdamW |",
+    lines = ["## One step on qwen3-134m's parameters", "", "| parameters | optimizer | ms | vs fused AdamW |",
              "|---|---|---:|---:|"]
     for (part, name), ms in steps.items():
         lines.append(f"| {part} | {name} | {ms:.1f} | {ms / steps[(part, 'fused AdamW')]:.2f}x |")
@@ -85,11 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"At these costs fused AdamW's 4 reads and 3 writes take {4 * read + 3 * write:.0f} ms on the embedding "
               f"and LAMB's two passes (4 reads and 2 writes, then 3 reads and 1 write) {7 * read + 3 * write:.0f} ms: "
               f"{(7 * read + 3 * write) / (4 * read + 3 * write):.2f}x, the paper timing's floor here."]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return out
+    return write_probe("scripts/lamb_cpu_probe.py", argv, args, "LAMB's fused step on this CPU", lines)
 
 
 if __name__ == "__main__":

@@ -14,21 +14,16 @@ Speed here, accuracy in the tests: nothing in this file is asserted.
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmopt.analysis.collect import hidden_matrix_gradients
-from lmopt.bench.step import interleaved_medians
-from lmopt.data.paths import atomic_write_text
+from lmopt.bench.step import interleaved_medians, probe_arguments, write_probe
 from lmopt.model import build_model, get_preset
 from lmopt.optim import Muon, matrix_param_groups
 from lmopt.optim.kernels import NS_COEFFICIENTS, newton_schulz, newton_schulz_gram, polar_express
-from lmopt.train.trainer import cpu_description, git_commit
 
 
 def layer_timings(repeats: int) -> dict[str, float]:
@@ -89,20 +84,10 @@ def accuracy() -> dict[str, tuple[float, float]]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="results/step/muon-cpu-probe.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = probe_arguments(__doc__, "results/step/muon-cpu-probe.md", 9, argv)
     layer, batch, errors = layer_timings(args.repeats), batch_timings(args.repeats), accuracy()
     torch_ms = layer["torch.optim.Muon"]
-    command = shlex.join(["python", "scripts/muon_cpu_probe.py", *(sys.argv[1:] if argv is None else argv)])
-    lines = ["# Muon's Newton–Schulz on this CPU: time and accuracy of the options", "",
-             f"Made by `{command}` at "
-             f"commit `{git_commit()}`; {cpu_description()}, torch {torch.__version__}, {args.threads} threads. "
-             f"Medians of {args.repeats} interleaved repeats; a shared VM, so read the second digit loosely.", "",
-             "## One qwen3-134m layer's 7 hidden matrices, one Muon step", "",
+    lines = ["## One qwen3-134m layer's 7 hidden matrices, one Muon step", "",
              "| setting | ms | torch's / this |", "|---|---:|---:|"]
     lines += [f"| {name} | {ms:.1f} | {torch_ms / ms:.2f}x |" for name, ms in layer.items()]
     lines += ["", "## A bf16 batch against its matrices one by one (two 512x2048 @ 2048x512 products)", "",
@@ -111,11 +96,8 @@ def main(argv: list[str] | None = None) -> Path:
     lines += ["", "## Accuracy on real gradients (nano, 8 AdamW steps on Brown): relative Frobenius distance", "",
               "| distance | mean over matrices | max |", "|---|---:|---:|"]
     lines += [f"| {name} | {mean:.3g} | {worst:.3g} |" for name, (mean, worst) in errors.items()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return out
+    title = "Muon's Newton–Schulz on this CPU: time and accuracy of the options"
+    return write_probe("scripts/muon_cpu_probe.py", argv, args, title, lines)
 
 
 if __name__ == "__main__":

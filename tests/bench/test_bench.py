@@ -526,3 +526,15 @@ def test_interleaved_medians_runs_each_candidate_once_untimed_then_in_turns():
     medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b"] * 4
     assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_a_probe_file_names_its_command_commit_and_machine_then_its_body(tmp_path, monkeypatch):
+    from lmopt.bench.step import probe_arguments, write_probe
+
+    argv = ["--repeats", "3", "--out", str(tmp_path / "probe.md")]
+    args = probe_arguments("A probe.\n\nMore.", "unused.md", 9, argv)
+    assert (args.repeats, args.threads) == (3, 2)
+    out = write_probe("scripts/some_probe.py", argv, args, "Title", ["## Body", "| a | 1 |"])
+    text = out.read_text()
+    assert text.startswith("# Title\n\nMade by `python scripts/some_probe.py --repeats 3 --out ")
+    assert "Medians of 3 interleaved repeats" in text and text.endswith("## Body\n| a | 1 |\n")

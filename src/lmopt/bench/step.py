@@ -22,11 +22,14 @@ tests.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -146,6 +149,34 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int,
     for step in steps.values():
         step()
     return {name: statistics.median(t) * 1e3 for name, t in _interleaved_times(steps, repeats, device).items()}
+
+
+def probe_arguments(doc: str, out: str, repeats: int, argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of a probe in scripts/ (--repeats, --threads, --out), with torch's threads set."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=out)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def write_probe(script: str, argv: list[str] | None, args: argparse.Namespace, title: str, body: list[str]) -> Path:
+    """A probe's markdown file: ``title``, the command as typed, the commit, CPU, torch and threads, then ``body``;
+    written atomically to ``args.out`` and printed."""
+    from lmopt.train.trainer import cpu_description, git_commit
+
+    command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    lines = [f"# {title}", "",
+             f"Made by `{command}` at commit `{git_commit()}`; {cpu_description()}, torch {torch.__version__}, "
+             f"{args.threads} threads. Medians of {args.repeats} interleaved repeats; a shared VM, so read the second "
+             "digit loosely.", "", *body]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
 
 
 def paired_ratio_spread(times: list[float], base_times: list[float]) -> dict:
