@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmopt.optim import cpu_kernels
 from lmopt.optim.common import LmoptOptimizer, state_dtype, working_copy
 from lmopt.optim.distributed import is_dtensor
 from lmopt.optim.spec import OptionError
@@ -171,8 +172,6 @@ def fused_adam_family(params: list[Tensor], grads: list[Tensor], tensors: list[l
                       ) -> tuple[Any, list[bool]]:
     """The C++ kernels (None where they cannot be built) and which tensors they take: fp32/fp64 CPU tensors
     whose gradient and two moments match them (:func:`lmopt.optim.cpu_kernels.usable`)."""
-    from lmopt.optim import cpu_kernels
-
     kernels = cpu_kernels.kernels()
     return kernels, [kernels is not None and cpu_kernels.usable(p, g, *ts[:2], matrix=False)
                      for p, g, ts in zip(params, grads, tensors, strict=True)]
