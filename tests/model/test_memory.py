@@ -38,13 +38,17 @@ def test_chunked_cross_entropy_equals_the_plain_one_in_fp32():
 
 
 def test_chunked_cross_entropy_under_bf16_autocast():
-    """bf16 matmuls as autocast's, softmax in fp32: the loss to fp32 rounding; dx the same bits (both round the
-    same bf16 products); dhead to bf16 rounding (the plain version rounds one product, this one each chunk's,
-    whose partial sums can exceed the total: 2^-7 of the largest entry)."""
+    """bf16 matmuls as autocast's, softmax in fp32: the loss to fp32 rounding; dx nearly the same bits (both round
+    the same bf16 products, but a GEMM may sum them in another order for 64 rows than for 300, which can move a
+    result across a bf16 rounding boundary: at most one bf16 step, seen once in a CI run on an AMX CPU); dhead to
+    bf16 rounding (the plain version rounds one product, this one each chunk's, whose partial sums can exceed the
+    total: 2^-7 of the largest entry)."""
     (loss, gx, gw), (chunked, cx, cw) = plain_and_chunked(autocast=True)
     assert chunked.dtype == cx.dtype == cw.dtype == torch.float32
     torch.testing.assert_close(chunked, loss, rtol=1e-6, atol=0)
-    torch.testing.assert_close(cx, gx, rtol=0, atol=1e-6 * gx.abs().max().item())
+    bf16_step = torch.ldexp((gx != 0).float(), torch.frexp(gx).exponent - 8)  # |gx| = m 2^e, m in [0.5, 1)
+    assert ((cx - gx).abs() <= bf16_step).all()
+    assert (cx == gx).float().mean() >= 0.999
     torch.testing.assert_close(cw, gw, rtol=0, atol=2**-7 * gw.abs().max().item())
 
 
