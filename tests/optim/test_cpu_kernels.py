@@ -286,3 +286,17 @@ def test_spectra_kernels_refuse_factors_that_do_not_fit():
         kernels.spectra_momentum_(M, torch.zeros(5, 8), 0.1, torch.zeros(8, 2), True)
     with pytest.raises(RuntimeError, match="share k"):
         kernels.spectra_apply_(M.clone(), M, torch.zeros(8, 2), torch.zeros(3, 5), 1.0, 0.0, 0)
+
+
+def test_multi_tensor_steps_check_every_tensor_before_stepping_any():
+    kernels = cpu_kernels.kernels()
+    if kernels is None:
+        pytest.skip(f"no C++ kernels here: {cpu_kernels.unavailable_reason()}")
+    p, before = [torch.ones(4), torch.ones(3)], torch.ones(4)
+    settings = torch.tensor([[1e-3, 0.9, 0.999, 0.1, 0.001, 1e-6, 0.01, 10.0]] * 2, dtype=torch.float64)
+    moments = [[torch.zeros(4), torch.zeros(3)] for _ in range(2)]
+    with pytest.raises(RuntimeError, match="of its parameter's dtype and size"):  # the second gradient is fp64
+        kernels.lamb_steps_(p, [torch.ones(4), torch.ones(3).double()], *moments, [], settings)
+    assert torch.equal(p[0], before)
+    with pytest.raises(RuntimeError, match="tensors x 7"):
+        kernels.stable_adamw_steps_(p, [torch.ones(4), torch.ones(3)], *moments, settings)

@@ -259,6 +259,26 @@ void check_like(const torch::Tensor& p, std::initializer_list<torch::Tensor> oth
   }
 }
 
+// The Adam family's multi-tensor steps: every input checked before any tensor is stepped (one g, m, v and, where
+// given, a (2,) statistic per parameter, each a contiguous CPU tensor of its dtype; a float64 settings table with
+// one row of `columns` per tensor); returns the table's rows
+const double* checked_settings(const char* name, const std::vector<torch::Tensor>& p,
+                               const std::vector<torch::Tensor>& g, const std::vector<torch::Tensor>& m,
+                               const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& previous,
+                               const torch::Tensor& settings, int64_t columns) {
+  TORCH_CHECK(settings.device().is_cpu() && settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 &&
+                  settings.size(1) == columns && settings.size(0) == static_cast<int64_t>(p.size()) &&
+                  settings.is_contiguous(),
+              name, " takes a contiguous float64 (tensors x ", columns, ") settings table");
+  TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size() &&
+                  (previous.empty() || previous.size() == p.size()), name, ": one g, m, v (and norms) per p");
+  for (size_t i = 0; i < p.size(); ++i) {
+    check_like(p[i], {g[i], m[i], v[i]}, name);
+    if (!previous.empty()) check_like(p[i], {previous[i]}, name, 2);
+  }
+  return settings.data_ptr<double>();
+}
+
 // LAMB's trust ratio min(||w||, max_trust) / ||r|| from ||w||^2 and ||r||^2 (1 where either norm is 0), in the
 // precision of its inputs, as lamb.py's trust_from_norms
 template <typename T>
@@ -274,17 +294,7 @@ T lamb_trust(T w_sq, T r_sq, double max_trust) {
 // 1 - beta2^t, eps, weight_decay, max_trust.
 void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
                  std::vector<torch::Tensor> v, std::vector<torch::Tensor> previous, torch::Tensor settings) {
-  TORCH_CHECK(settings.device().is_cpu() && settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 &&
-                  settings.size(1) == 8 &&
-                  settings.size(0) == static_cast<int64_t>(p.size()) && settings.is_contiguous(),
-              "lamb_steps_ takes a contiguous float64 (tensors x 8) settings table");
-  TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size() &&
-                  (previous.empty() || previous.size() == p.size()), "lamb_steps_: one g, m, v (and norms) per p");
-  for (size_t i = 0; i < p.size(); ++i) {  // all checked before any tensor is stepped
-    check_like(p[i], {g[i], m[i], v[i]}, "lamb_steps_");
-    if (!previous.empty()) check_like(p[i], {previous[i]}, "lamb_steps_", 2);
-  }
-  const double* rows = settings.data_ptr<double>();
+  const double* rows = checked_settings("lamb_steps_", p, g, m, v, previous, settings, 8);
   for (size_t i = 0; i < p.size(); ++i) {
     const double* s = rows + 8 * i;
     const double lr = s[0], beta1 = s[1], beta2 = s[2], bias1 = s[3], bias2 = s[4], eps = s[5], wd = s[6];
@@ -316,14 +326,7 @@ void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std
 // lr, beta1, beta2, 1 - beta1^t, 1 - beta2^t, eps, weight_decay.
 void stable_adamw_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
                          std::vector<torch::Tensor> v, torch::Tensor settings) {
-  TORCH_CHECK(settings.device().is_cpu() && settings.scalar_type() == torch::kFloat64 && settings.dim() == 2 &&
-                  settings.size(1) == 7 &&
-                  settings.size(0) == static_cast<int64_t>(p.size()) && settings.is_contiguous(),
-              "stable_adamw_steps_ takes a contiguous float64 (tensors x 7) settings table");
-  TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size(),
-              "stable_adamw_steps_: one g, m, v per p");
-  for (size_t i = 0; i < p.size(); ++i) check_like(p[i], {g[i], m[i], v[i]}, "stable_adamw_steps_");
-  const double* rows = settings.data_ptr<double>();
+  const double* rows = checked_settings("stable_adamw_steps_", p, g, m, v, {}, settings, 7);
   for (size_t i = 0; i < p.size(); ++i) {
     const double* s = rows + 7 * i;
     const double lr = s[0], bias1 = s[3], bias2 = s[4], eps = s[5], wd = s[6];
@@ -943,7 +946,7 @@ _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl",
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_steps_",
               "stable_adamw_steps_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
               "spectra_apply_", "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v25"
+_NAME = "lmopt_cpu_kernels_v26"
 _failure: list[str] = []
 
 
