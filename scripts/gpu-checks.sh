@@ -8,7 +8,8 @@
 #   rehearsal  the gpu-134m suite's own settings under torchrun on NCCL (FSDP2, bf16, compile), straight and
 #              stopped half-way then resumed: the losses must agree bit for bit
 #   step-compiled  the per-tensor optimizers' compiled steps on the GPU
-#   tests      the trainer's tests on the GPU (their device "auto" is CUDA there)
+#   tests      the trainer's tests on the GPU (their device "auto" is CUDA there) and the papers' tests (Spectra's
+#              stacked GPU step against the per-matrix update runs only there)
 # STAGES (default: all, in this order) picks some, e.g. STAGES="env overhead".
 # Each stage's log and the results tables (.md, .json) go to $OUT (default runs/gpu-checks), flat (the device
 # tool returns at most 8 files, 2 folders down); the runs stay in $OUT/work (not returned: their checkpoints).
@@ -70,15 +71,17 @@ pack
 # the per-tensor optimizers' compiled steps (what `lmopt train --compile true` runs): eager they wait on kernel
 # launches on a GPU (11-37x fused AdamW on an H100); compilation takes most of this stage's time
 compiled_rows() {  # one process per optimizer, each time-boxed, so that a slow compilation loses only its row
-  for name in lamb msam stable-adamw amcs asa adafactor; do
+  for name in ${COMPILED_ROWS:-lamb adafactor msam stable-adamw amcs asa}; do
     timeout "${COMPILED_EACH_LIMIT:-50}" $PY -m lmopt.cli bench step --device "$DEVICE" \
       --preset "${STEP_PRESET:-qwen3-134m}" --repeats 15 --warmup 3 --train-preset none \
       --only "$name (compiled)" --out "$W/results/step-compiled-$name"
     echo "$name (compiled): rc=$?"
   done
 }
-export PY DEVICE W
+export PY DEVICE W COMPILED_ROWS COMPILED_EACH_LIMIT STEP_PRESET
 stage step-compiled "${COMPILED_LIMIT:-300}" bash -c "$(declare -f compiled_rows); compiled_rows"
 
-stage tests "${TESTS_LIMIT:-90}" $PY -m pytest -q -x -p no:cacheprovider "${TEST_SELECT:-tests/train/test_trainer.py}"
+# shellcheck disable=SC2086  # TEST_SELECT is a list of pytest arguments
+stage tests "${TESTS_LIMIT:-90}" $PY -m pytest -q -x -p no:cacheprovider ${TEST_SELECT:-tests/train/test_trainer.py \
+  tests/optim/test_papers.py}
 echo "== done ($(date +%T))"

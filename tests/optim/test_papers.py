@@ -11,7 +11,7 @@ from lmopt.optim import ASM, Muon, Spectra, build, matrix_param_groups, param_ro
 from lmopt.optim import asa as asa_module
 from lmopt.optim.amcs import mixing_weight
 from lmopt.optim.asa import ASA
-from lmopt.optim.kernels import block_power_iteration, newton_schulz, power_iteration_sigma
+from lmopt.optim.kernels import block_power_iteration, newton_schulz, power_iteration_sigma, refined_basis
 from lmopt.optim.msam import gradient_stability
 from lmopt.optim.spectra import shape_spike
 from tests.optim.test_battery import batch, make, params, run, toy_model
@@ -219,6 +219,52 @@ def test_block_power_iteration_converges_to_a_planted_spike():
     assert cos_angles.min() > 0.999
 
 
+def spread_columns(rows: int, k: int, batch: int, condition: float, seed: int = 0) -> torch.Tensor:
+    """(batch, rows, k) float32 matrices whose singular values spread from 1 down to 1/condition."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(batch, rows, k, generator=gen, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(batch, k, k, generator=gen, dtype=torch.float64)).Q
+    sigma = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
+    return ((left * sigma) @ right.mT).float()
+
+
+def orthonormal_basis_of(rows: int, k: int, batch: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(batch, rows, k, generator=gen)).Q
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e3, 1e6])
+def test_refined_basis_spans_what_a_householder_qr_spans(condition):
+    """The GPU step's CholeskyQR3 against torch.linalg.qr on products of every spread: orthonormal to float64
+    rounding (returned in float32) and the same span (projectors 10x closer than fp32 knows the product)."""
+    grown = spread_columns(512, 8, 6, condition)
+    Q = refined_basis(grown, orthonormal_basis_of(512, 8, 6, seed=1))
+    assert Q.dtype == torch.float32 and Q.shape == grown.shape
+    eye = torch.eye(8).expand(6, 8, 8)
+    torch.testing.assert_close(Q.mT @ Q, eye, atol=1e-6, rtol=0)
+    householder = torch.linalg.qr(grown.double()).Q
+    projector = Q.double() @ Q.double().mT
+    # fp32 knows the product's weakest direction to ~1e-7 x condition; the completion moves it 10x less
+    assert (projector - householder @ householder.mT).abs().max() < 1e-8 * condition
+
+
+def test_refined_basis_keeps_the_previous_directions_where_the_product_loses_rank():
+    """A rank-deficient M (here M Mᵀ U of rank 3 of 8, and a zero M): an orthonormal basis all the same, holding
+    the product's directions, the rest from the previous basis (no NaN, no lost dimension)."""
+    previous = orthonormal_basis_of(256, 8, 2, seed=2)
+    low_rank = spread_columns(256, 8, 2, 10.0, seed=3)
+    low_rank[..., 3:] = low_rank[..., :3] @ torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(4))
+    zero = torch.zeros(1, 256, 8)
+    for grown, basis in ((low_rank, previous), (zero, previous[:1])):
+        Q = refined_basis(grown, basis)
+        assert torch.isfinite(Q).all()
+        torch.testing.assert_close(Q.mT @ Q, torch.eye(8).expand_as(Q.mT @ Q), atol=1e-6, rtol=0)
+    Q = refined_basis(low_rank, previous)
+    inside = torch.linalg.vector_norm(Q @ (Q.mT @ low_rank), dim=-2) / torch.linalg.vector_norm(low_rank, dim=-2)
+    torch.testing.assert_close(inside, torch.ones_like(inside))  # the product's span lies in the basis
+    torch.testing.assert_close(refined_basis(zero, previous[:1]).abs(), previous[:1].abs(), atol=1e-6, rtol=0)
+
+
 def test_spectra_tracks_the_spike_of_its_momentum():
     U_true, G = planted_spike(k=1)
     W = torch.nn.Parameter(torch.zeros(96, 160, dtype=torch.float64))
@@ -293,6 +339,27 @@ def test_spectra_stacked_gpu_path_equals_the_per_matrix_update(monkeypatch, timi
         run(model, opt, 6)
     for a, b in zip(params(models["foreach"]), params(models["for-loop"]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the stacked step is the GPU's")
+@pytest.mark.parametrize("timing", ["before", "after"])
+def test_spectra_stacked_step_on_a_gpu_equals_the_per_matrix_update(timing):
+    """On a GPU, as it runs there (stacked, CholeskyQR3 in the refresh): the per-matrix update's weights after 6
+    steps, wide and tall matrices, three of each shape, refreshed every other step."""
+    weights = {}
+    for impl in ("foreach", "for-loop"):
+        torch.manual_seed(0)
+        shapes = [(48, 96)] * 3 + [(96, 48)] * 3 + [(64, 64)] * 3
+        weights[impl] = [torch.nn.Parameter(torch.randn(*shape, device="cuda")) for shape in shapes]
+        opt = Spectra(weights[impl], lr=0.05, weight_decay=0.04, rank_fraction=0.1, refresh_interval=2,
+                      refresh_timing=timing, impl=impl)
+        for step in range(6):
+            gen = torch.Generator().manual_seed(step)
+            for w in weights[impl]:
+                w.grad = torch.randn(w.shape, generator=gen).cuda()
+            opt.step()
+    for a, b in zip(weights["foreach"], weights["for-loop"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_spectra_stacked_gpu_path_keeps_bf16_weights_like_the_batched_path(monkeypatch):

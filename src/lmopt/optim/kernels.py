@@ -7,6 +7,8 @@
 - :func:`power_iteration_sigma`: the largest singular value by warm-started power iteration (ASA).
 - :func:`block_power_iteration`: a warm-started orthonormal basis of the top-k left singular subspace
   (Spectra): one ``M (Mᵀ U)`` product and a thin QR per iteration, never an SVD of the full matrix.
+- :func:`refined_basis`: the orthonormal basis of one such iteration without a Householder QR (shifted CholeskyQR3
+  in float64, from the product and the previous basis): a few batched calls for any number of matrices, no sync.
 """
 
 from __future__ import annotations
@@ -208,6 +210,34 @@ def block_power_iteration(M: Tensor, U: Tensor, iters: int = 1) -> Tensor:
     for _ in range(iters):
         U = torch.linalg.qr(M @ (M.mT @ U)).Q
     return U
+
+
+def refined_basis(grown: Tensor, previous: Tensor, completion: float = 1e-8) -> Tensor:
+    """An orthonormal basis of span(M Mᵀ U) from grown = M Mᵀ U and previous = U (batched (b, r, k) or (r, k)),
+    by shifted CholeskyQR3 in float64 (Fukaya et al. 2020) instead of a Householder QR.
+
+    On a GPU ``torch.linalg.qr`` runs a kernel per matrix (84 for qwen3-134m: 3.8 ms of Spectra's 12.8 ms step on
+    an H100); this is three k x k Gram matrices, Cholesky factors and triangular solves for the whole batch.
+    The columns are first scaled to unit Frobenius norm and ``completion`` x U added, i.e. one step of the power
+    iteration on M Mᵀ + δ I (δ ~ 1e-8 ||M Mᵀ U||: the same top-k subspace, a change in the span 10x below fp32's
+    rounding of the product itself), so that the product never loses rank: where M's rank is below k (a zero
+    gradient, say) the basis keeps the previous directions, as a Householder QR keeps arbitrary orthonormal
+    ones, and no Cholesky factor fails: the completion bounds the condition number by ~1e8 sqrt(k), which the
+    shifted first pass brings down to a few (it reaches ~1e15 in float64); the two plain passes then make the
+    columns orthonormal to float64 rounding. The signs of the columns may differ from a Householder QR's (the
+    spike's shaping does not depend on them). Returns ``grown``'s dtype.
+    """
+    A = grown.double()
+    A = A / torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True).clamp(min=1e-300)
+    A = A + completion * previous.double()
+    rows, k = A.shape[-2:]
+    shift = 11 * (rows * k + k * (k + 1)) * torch.finfo(torch.float64).eps / 2 * A.square().sum((-2, -1), keepdim=True)
+    identity = torch.eye(k, dtype=A.dtype, device=A.device)
+    for shifted in (True, False, False):
+        gram = A.mT @ A + shift * identity if shifted else A.mT @ A
+        R, _ = torch.linalg.cholesky_ex(gram, upper=True)
+        A = torch.linalg.solve_triangular(R, A, upper=True, left=False)  # A R⁻¹
+    return A.to(grown.dtype)
 
 
 def top_left_singular_basis(M: Tensor, k: int) -> Tensor:

@@ -48,7 +48,7 @@ from torch import Tensor
 from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common
 from lmopt.optim.distributed import is_dtensor, like_shard, owner_map
-from lmopt.optim.kernels import block_power_iteration, top_left_singular_basis
+from lmopt.optim.kernels import block_power_iteration, refined_basis, top_left_singular_basis
 from lmopt.optim.matrix import MatrixOptimizer, by_shape_indices, matrix_param_groups
 from lmopt.optim.spec import OptionError, register_class
 
@@ -260,8 +260,9 @@ class Spectra(MatrixOptimizer):
         refresh's QR and the spike operator are one batched call each, and the parameters are written by two
         multi-tensor calls. One copy of the momenta per step (cheap next to GPU bandwidth), where one call per
         matrix would leave the GPU waiting on kernel launches (qwen3-134m's 84 matrices on an H100: 35 ms per
-        step, 19x fused AdamW, in results/gpu/h100-2026-11-26/step.log). The stacked copies (M and the update,
-        fp32) take twice the shape's momenta at the step's peak."""
+        step, 19x fused AdamW, in results/gpu/h100-2026-11-26/step.log). The refresh's thin QR is shifted
+        CholeskyQR3 (:func:`refined_basis`: a few batched calls; ``torch.linalg.qr`` runs a kernel per matrix on
+        a GPU). The stacked copies (M and the update, fp32) take twice the shape's momenta at the step's peak."""
         states = [self.state[p] for p in params]
         M = torch.stack(momenta).to(torch.promote_types(momenta[0].dtype, torch.float32))  # (b, rows, cols)
         wide = _is_wide(M[0])
@@ -270,7 +271,7 @@ class Spectra(MatrixOptimizer):
         if self._refresh_due(states[0], group) and states[0]["step"] > 1:
             fresh = bases
             for it in range(group["power_iters"]):
-                fresh = torch.linalg.qr(grow_basis(M, coords if it == 0 else spike_coordinates(M, fresh))).Q
+                fresh = refined_basis(grow_basis(M, coords if it == 0 else spike_coordinates(M, fresh)), fresh)
             for state, basis in zip(states, fresh.unbind(0), strict=True):
                 state["basis"] = basis
             if group["refresh_timing"] == "before":
