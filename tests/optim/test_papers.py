@@ -341,6 +341,22 @@ def test_spectra_stacked_gpu_path_equals_the_per_matrix_update(monkeypatch, timi
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_spectra_stacked_step_refreshes_alike_by_householder_or_cholesky_qr(monkeypatch):
+    """The stacked step's two refresh QRs (the GPU row "spectra (householder qr)" against the default): the same
+    weights to fp32 rounding (bases differ in column signs only, which the shaping ignores)."""
+    import lmopt.optim.spectra as spectra
+
+    monkeypatch.setattr(spectra, "stacks", lambda params: bool(params))
+    models = {name: toy_model() for name in ("cholesky", "householder")}
+    for name, model in models.items():
+        opt = make("spectra", model, refresh_interval=1, rank_fraction=0.2)
+        if name == "householder":
+            opt.refine = spectra.householder_basis
+        run(model, opt, 6)
+    for a, b in zip(params(models["cholesky"]), params(models["householder"]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the stacked step is the GPU's")
 @pytest.mark.parametrize("timing", ["before", "after"])
 def test_spectra_stacked_step_on_a_gpu_equals_the_per_matrix_update(timing):

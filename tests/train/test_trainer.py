@@ -190,12 +190,14 @@ def test_micro_batches_and_recomputation_train_like_one_batch(runs_dir):
     assert (split.micro_batch, split.grad_accum) == (4, 4)
     split.run(stop_at=2)
     lines = []
-    summary = Trainer(TrainConfig(**base | {"log_interval": 1}, grad_accum=2, run_name="split"), resume=True,
-                      log=lines.append).run()
+    resumed = Trainer(TrainConfig(**base | {"log_interval": 1}, grad_accum=2, run_name="split"), resume=True,
+                      log=lines.append)
+    summary = resumed.run()
     torch.testing.assert_close([loss for _, loss in train_losses(runs_dir / "split")],
                                [loss for _, loss in train_losses(runs_dir / "whole")], rtol=1e-5, atol=0)
     records = [r for r in read_metrics(runs_dir / "split" / "metrics.jsonl") if r["event"] == "train"]
-    assert records[0]["mfu"] > 0 and "mfu" not in records[-1]  # the resumed session has no peak_flops
+    # the resumed session names no peak FLOP/s: MFU only where the device's is known (a GPU; seen on an H100)
+    assert records[0]["mfu"] > 0 and ("mfu" in records[-1]) == bool(resumed.peak_flops)
     assert summary["tokens_per_s"] > 0 and any("tok/s" in line and "ETA" in line for line in lines)
 
 

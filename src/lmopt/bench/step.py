@@ -39,7 +39,8 @@ import torch
 
 from lmopt.data.paths import atomic_write_text
 from lmopt.model import Qwen3, build_model, get_preset
-from lmopt.optim import Muon, build, matrix_param_groups
+from lmopt.optim import Muon, Spectra, build, matrix_param_groups
+from lmopt.optim.spectra import householder_basis
 from lmopt.registry import OPTIMIZERS
 
 BASELINE = "adamw (fused)"
@@ -48,6 +49,7 @@ CPU = torch.device("cpu")
 
 
 LAMB_PREVIOUS = "lamb (fused, trust from the previous step)"  # LAMB's one-pass option
+SPECTRA_HOUSEHOLDER = "spectra (householder qr)"  # a GPU row: the stacked step's QR before CholeskyQR3
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -100,7 +102,15 @@ def _step_candidates(model: torch.nn.Module, compiled: bool,
     out["torch.optim.Muon (matrices only)"] = lambda: torch.optim.Muon(matrices, lr=1e-3)
     out["lmopt muon (matrices only)"] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original")
     out["muon (standard Newton–Schulz)"] = lambda: build("muon", model, ns_method="standard")
+    if next(model.parameters()).is_cuda:  # the stacked step's QR runs on a GPU only
+        out[SPECTRA_HOUSEHOLDER] = lambda: householder_refresh(build("spectra", model, total_steps=1000))
     return out
+
+
+def householder_refresh(opt: Spectra) -> Spectra:
+    """Spectra whose stacked GPU step refreshes its basis by torch.linalg.qr, the QR it used before CholeskyQR3."""
+    opt.refine = householder_basis
+    return opt
 
 
 MUON_PAIR = ("torch.optim.Muon (matrices only)", "lmopt muon (matrices only)")

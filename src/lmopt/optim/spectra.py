@@ -162,6 +162,10 @@ class Spectra(MatrixOptimizer):
                                       rms_target=rms_target, adamw_betas=adamw_betas, eps=eps))
         self.impl = cpu_kernels.fused_or_fallback(impl, "Spectra", fallback="foreach")
 
+    # How the stacked GPU step orthonormalises a refreshed basis, f(M Mᵀ U, U) -> U': shifted CholeskyQR3 (a few
+    # batched calls); ``householder_basis`` is torch.linalg.qr's (a kernel per matrix on a GPU), kept to compare.
+    refine = staticmethod(refined_basis)
+
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
         for p in params:
             state = self.state[p]
@@ -261,8 +265,9 @@ class Spectra(MatrixOptimizer):
         multi-tensor calls. One copy of the momenta per step (cheap next to GPU bandwidth), where one call per
         matrix would leave the GPU waiting on kernel launches (qwen3-134m's 84 matrices on an H100: 35 ms per
         step, 19x fused AdamW, in results/gpu/h100-2026-11-26/step.log). The refresh's thin QR is shifted
-        CholeskyQR3 (:func:`refined_basis`: a few batched calls; ``torch.linalg.qr`` runs a kernel per matrix on
-        a GPU). The stacked copies (M and the update, fp32) take twice the shape's momenta at the step's peak."""
+        CholeskyQR3 (:attr:`refine`, :func:`refined_basis`: a few batched calls, where ``torch.linalg.qr`` runs a
+        kernel per matrix on a GPU; the two are compared by the GPU step table's row "spectra (householder qr)").
+        The stacked copies (M and the update, fp32) take twice the shape's momenta at the step's peak."""
         states = [self.state[p] for p in params]
         M = torch.stack(momenta).to(torch.promote_types(momenta[0].dtype, torch.float32))  # (b, rows, cols)
         wide = _is_wide(M[0])
@@ -271,7 +276,7 @@ class Spectra(MatrixOptimizer):
         if self._refresh_due(states[0], group) and states[0]["step"] > 1:
             fresh = bases
             for it in range(group["power_iters"]):
-                fresh = refined_basis(grow_basis(M, coords if it == 0 else spike_coordinates(M, fresh)), fresh)
+                fresh = self.refine(grow_basis(M, coords if it == 0 else spike_coordinates(M, fresh)), fresh)
             for state, basis in zip(states, fresh.unbind(0), strict=True):
                 state["basis"] = basis
             if group["refresh_timing"] == "before":
@@ -355,6 +360,11 @@ class Spectra(MatrixOptimizer):
             else:
                 p.addmm_(coords[j].mT, left[j].mT, beta=decay)
                 p.addcmul_(M[j], step_scale[j])
+
+
+def householder_basis(grown: Tensor, previous: Tensor) -> Tensor:
+    """The refreshed basis by ``torch.linalg.qr`` (Householder), the stacked step's QR before CholeskyQR3."""
+    return torch.linalg.qr(grown).Q
 
 
 def stacks(params: list[Tensor]) -> bool:
