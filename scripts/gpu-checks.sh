@@ -42,7 +42,8 @@ stage() {
 stage env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name())'; $PY -m pip list 2>/dev/null | grep -iE '^(torch|tokenizers|safetensors|rich|scipy|numpy|matplotlib) '"
 
-ROWS=("adamw (foreach)" muon "muon (gram)" lamb adafactor stable-adamw ortho-adam "ortho-adam (kronecker)" asm asa
+ROWS=("adamw (foreach)" muon "muon (gram)" lamb "lamb (foreach)" adafactor stable-adamw "stable-adamw (foreach)"
+      ortho-adam "ortho-adam (kronecker)" asm asa
       msam amcs spectra "spectra (householder qr)" "spectra (refresh every 10)" "spectra (refresh after the step)"
       "spectra (for-loop)" "torch.optim.Muon (matrices only)" "lmopt muon (matrices only)")
 stage step "${STEP_LIMIT:-150}" $PY -m lmopt.cli bench step --device "$DEVICE" --preset "${STEP_PRESET:-qwen3-134m}" --repeats 15 \

@@ -172,3 +172,49 @@ def test_adafactor_fused_kernels_match_torch_in_float32_and_fall_back_where_they
     with pytest.warns(UserWarning, match="Adafactor\\(impl='fused'\\): the C\\+\\+ kernels cannot be built"):
         fallback = info.make("adafactor", "fused", Battery())
     assert fallback.impl == "compiled"
+
+
+FOREACH = [name for name in ELEMENTWISE if "foreach" in OPTIMIZERS.get(name).impls]
+
+
+def test_the_multi_tensor_path_is_declared_by_lamb_and_stable_adamw():
+    assert set(FOREACH) == {"lamb", "stable-adamw"}
+
+
+@pytest.mark.parametrize("name", FOREACH)
+def test_foreach_takes_what_it_can_and_leaves_the_rest_to_the_loop(name):
+    """impl "foreach" over groups with different hyper-parameters, a second step count (a parameter that joined
+    later), fp64 and bf16 parameters beside fp32 ones (each dtype its own set of calls) and, for LAMB, a group
+    trusting the previous step (left to the loop): the for-loop's weights and state after several steps, within
+    fp32 rounding (bf16: within one bf16 step, the two orders of its rounded intermediates)."""
+    results = {}
+    for impl in ("for-loop", "foreach"):
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((8, 6), (6,), (4, 4), (5, 3), (7,))]
+        double = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+        low = torch.nn.Parameter(torch.randn(6, 4).bfloat16())
+        late = torch.nn.Parameter(torch.randn(3, 3))
+        groups = [{"params": [*weights[:2], double]}, {"params": weights[2:4], "lr": 5e-3, "weight_decay": 0.0},
+                  {"params": [weights[4], low]}]
+        extra = {"trust_from": "previous"} if name == "lamb" else {}
+        opt = OPTIMIZERS.get(name).cls(groups, impl=impl)
+        opt.add_param_group({"params": [late], **extra})
+        everything = [*weights, double, low, late]
+        for step in range(5):
+            gen = torch.Generator().manual_seed(step)
+            for p in everything:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            if step < 2:
+                late.grad = None  # joins at the third step: its step count differs from the others'
+            opt.step()
+        results[impl] = (opt, [p.detach().clone() for p in everything])
+    assert results["foreach"][0].impl == "foreach"
+    for a, b in zip(results["foreach"][1], results["for-loop"][1], strict=True):
+        bf16 = a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=1e-2 if bf16 else 1e-6, rtol=2**-7 if bf16 else 1e-5)
+    state = {impl: opt.state_dict()["state"] for impl, (opt, _) in results.items()}
+    for key, value in state["for-loop"].items():
+        for field, tensor in value.items():
+            bf16 = isinstance(tensor, torch.Tensor) and tensor.dtype == torch.bfloat16
+            torch.testing.assert_close(state["foreach"][key][field], tensor, atol=1e-2 if bf16 else 1e-6,
+                                       rtol=2**-7 if bf16 else 1e-5)

@@ -65,6 +65,8 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
             out[name] = (name, {})
         if compiled and "compiled" in OPTIMIZERS.get(name).impls:
             out[f"{name} (compiled)"] = (name, {"impl": "compiled"})
+        if name != "adamw" and "foreach" in OPTIMIZERS.get(name).impls[1:]:  # multi-tensor, not the default
+            out[f"{name} (foreach)"] = (name, {"impl": "foreach"})
     out["spectra (for-loop)"] = ("spectra", {"impl": "for-loop"})
     out[f"spectra (refresh every {SPECTRA_REFRESH})"] = ("spectra", {"refresh_interval": SPECTRA_REFRESH})
     out["spectra (refresh after the step)"] = ("spectra", {"refresh_timing": "after"})

@@ -9,7 +9,11 @@ StableAdamW, ASA, MSAM, AMCS, OrthoAdam) is written here as a few small pieces:
 - ``update(p, grad, tensors, scalars, constants)``: one tensor's update, in place, a pure function of its
   arguments (a ``staticmethod``). ``constants`` are the group's fixed hyper-parameters.
 
-``impl="for-loop"`` runs ``update`` tensor by tensor, as written. ``impl="compiled"`` runs the loop over *every*
+``impl="for-loop"`` runs ``update`` tensor by tensor, as written. ``impl="foreach"`` (where an optimizer defines
+``foreach_updates``) runs the same arithmetic as a few multi-tensor ``torch._foreach_*`` calls per set of tensors
+that share a device, dtype and hyper-parameters (:func:`foreach_buckets`): on a GPU a handful of kernels for the
+whole model instead of several per tensor; per-tensor numbers (norms, clips) come back to the host once per set.
+``impl="compiled"`` runs the loop over *every*
 tensor of the step as one ``torch.compile``'d function: the per-step numbers travel as one tensor (so a new
 lr or step count never recompiles), and Inductor fuses each tensor's elementwise chain into one kernel (C++
 on CPU, Triton on GPU), without a host sync. The compiled code is cached per optimizer class and parameter
@@ -135,8 +139,12 @@ class ElementwiseOptimizer(LmoptOptimizer):
             return
         compiled = self.impl == "compiled" and not any(is_dtensor(p) for p in params)
         if not (compiled and self._run_compiled(work, tensors, scalars, constants, grads)):
-            fused = (self.fused_updates(work, grads, tensors, scalars, constants) if self.impl == "fused"
-                     else [False] * len(work))
+            if self.impl == "fused":
+                fused = self.fused_updates(work, grads, tensors, scalars, constants)
+            elif self.impl == "foreach":
+                fused = self.foreach_updates(work, grads, tensors, scalars, constants)
+            else:
+                fused = [False] * len(work)
             for w, g, ts, s, c, done in zip(work, grads, tensors, scalars, constants, fused, strict=True):
                 if not done:
                     self.update(w, g, ts, s, c)
@@ -149,6 +157,12 @@ class ElementwiseOptimizer(LmoptOptimizer):
         """impl "fused": update what the C++ kernels take, saying which tensors they updated (the others then run
         ``update``); by default tensor by tensor through the subclass's ``fused_update``."""
         return [self.fused_update(*args) for args in zip(params, grads, tensors, scalars, constants, strict=True)]
+
+    def foreach_updates(self, params: list[Tensor], grads: list[Tensor], tensors: list[list[Tensor]],
+                        scalars: list[tuple[float, ...]], constants: list[dict]) -> list[bool]:
+        """impl "foreach" (a subclass that lists it in ``impls`` defines this): update what the multi-tensor calls
+        take, saying which tensors they updated (the others then run ``update``)."""
+        raise NotImplementedError  # pragma: no cover - only subclasses that declare "foreach" are asked
 
     def _run_compiled(self, params, tensors, scalars, constants, grads=None) -> bool:
         return run_compiled(self, type(self).update, params, tensors, scalars, constants, grads=grads)
@@ -166,6 +180,40 @@ class AdamFamily(ElementwiseOptimizer):
 
     def constants(self, group: dict) -> dict[str, Any]:
         return {k: group[k] for k in ("betas", "eps", "weight_decay", *self.constant_keys)}
+
+
+def foreach_buckets(params: list[Tensor], grads: list[Tensor], tensors: list[list[Tensor]],
+                    scalars: list[tuple[float, ...]], constants: list[dict],
+                    takes: Callable[[int], bool] = lambda i: True) -> tuple[list[list[int]], list[bool]]:
+    """The tensors one set of multi-tensor calls can update together: the same device and dtype (the parameter,
+    its gradient and its state tensors alike), the same group (``constants``) and per-step numbers; and which
+    tensors are taken at all (``takes`` of their index; never DTensor shards, whose per-tensor norms are
+    reductions over ranks, nor mixed dtypes). Returns (index lists, taken flags)."""
+    buckets: dict[tuple, list[int]] = {}
+    taken = []
+    for i, (p, g, ts) in enumerate(zip(params, grads, tensors, strict=True)):
+        ok = (takes(i) and not is_dtensor(p) and g.dtype == p.dtype and g.device == p.device
+              and all(t.dtype == p.dtype and t.device == p.device for t in ts))
+        taken.append(ok)
+        if ok:
+            buckets.setdefault((p.device, p.dtype, id(constants[i]), scalars[i]), []).append(i)
+    return list(buckets.values()), taken
+
+
+def adam_moments_foreach_(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor],
+                          betas: Sequence[float]) -> None:
+    """:func:`adam_moments_` over lists, in three multi-tensor calls."""
+    torch._foreach_lerp_(exp_avgs, grads, 1 - betas[0])
+    torch._foreach_mul_(exp_avg_sqs, betas[1])
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - betas[1])
+
+
+def adam_denominators(exp_avg_sqs: list[Tensor], bias2: float, eps: float) -> list[Tensor]:
+    """√v̂ + ε per tensor (fresh tensors), v̂ = v / (1 - β2^t)."""
+    denominators = torch._foreach_div(exp_avg_sqs, bias2)
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_add_(denominators, eps)
+    return denominators
 
 
 def fused_adam_family(params: list[Tensor], grads: list[Tensor], tensors: list[list[Tensor]],

@@ -29,7 +29,16 @@ from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, adam_settings, fused_adam_family
+from lmopt.optim.elementwise import (
+    AdamFamily,
+    adam_denominators,
+    adam_direction,
+    adam_moments_,
+    adam_moments_foreach_,
+    adam_settings,
+    foreach_buckets,
+    fused_adam_family,
+)
 from lmopt.optim.spec import OptionError, register_class
 
 TRUST_TIMINGS = ("current", "previous")
@@ -71,7 +80,9 @@ class LAMB(AdamFamily):
         impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
             compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
             CPU tensor: the moments with both norms, then the step, or one pass with ``trust_from="previous"``;
-            other tensors run "for-loop").
+            other tensors run "for-loop"), or "foreach" (the paper's timing as multi-tensor calls, a few kernels for
+            all tensors on a GPU, the trust ratios brought to the host once per group; ``trust_from="previous"``,
+            mixed dtypes and DTensor shards run "for-loop").
     """
 
     def __init__(self, params, lr: float = 2e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -88,7 +99,7 @@ class LAMB(AdamFamily):
                                       trust_from=trust_from), impl)
 
     constant_keys = ("max_trust", "trust_from")
-    impls = (*ELEMENTWISE_IMPLS, "fused")
+    impls = (*ELEMENTWISE_IMPLS, "fused", "foreach")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -124,6 +135,16 @@ class LAMB(AdamFamily):
                                     adam_settings(chosen, scalars, constants, extra=["max_trust"]))
         return fused
 
+    def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """impl "foreach": :func:`lamb_foreach_step` per set of tensors sharing dtype, device, group and step."""
+        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants,
+                                         takes=lambda i: constants[i]["trust_from"] == "current")
+        for chosen in buckets:
+            lamb_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
+                              *([tensors[i][j] for i in chosen] for j in range(2)), scalars[chosen[0]],
+                              constants[chosen[0]])
+        return taken
+
     @staticmethod
     def update(p, grad, tensors, scalars, c):
         exp_avg, exp_avg_sq = tensors[:2]
@@ -143,6 +164,25 @@ class LAMB(AdamFamily):
         # alone cost more than fused AdamW's whole step on the 152k x 512 embedding.
         decoupled_weight_decay_(p, step, c["weight_decay"])
         p.sub_(exp_avg * step / (((exp_avg_sq / bias2).sqrt() + c["eps"]) * bias1))
+
+
+def lamb_foreach_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], scalars: tuple[float, ...], c: dict) -> None:
+    """One LAMB step (the paper's timing) of tensors sharing dtype, device and hyper-parameters, in multi-tensor
+    calls: the moments, r = m̂ / (√v̂ + ε) + λ w, every ||w|| and ||r|| by ``torch._foreach_norm``, the trust
+    ratios as one vector (one copy to the host), then W <- W - lr · trust · r."""
+    lr, bias1, bias2 = scalars
+    adam_moments_foreach_(exp_avgs, exp_avg_sqs, grads, c["betas"])
+    denominators = adam_denominators(exp_avg_sqs, bias2, c["eps"])
+    torch._foreach_mul_(denominators, bias1)
+    directions = torch._foreach_div(exp_avgs, denominators)  # r = m̂ / (√v̂ + ε) (+ λ w below)
+    del denominators
+    if c["weight_decay"]:
+        torch._foreach_add_(directions, params, alpha=c["weight_decay"])
+    norms = torch.stack([torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(directions))])
+    steps = (trust_from_norms(norms.square(), c["max_trust"]) * -lr).tolist()
+    torch._foreach_mul_(directions, steps)
+    torch._foreach_add_(params, directions)
 
 
 register_class(

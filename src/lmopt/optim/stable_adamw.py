@@ -22,10 +22,13 @@ from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
 from lmopt.optim.elementwise import (
     AdamFamily,
+    adam_denominators,
     adam_direction,
     adam_moments_,
+    adam_moments_foreach_,
     adam_settings,
     add_scaled_,
+    foreach_buckets,
     fused_adam_family,
 )
 from lmopt.optim.spec import register_class
@@ -53,7 +56,9 @@ class StableAdamW(AdamFamily):
         weight_decay: decoupled weight decay λ (>= 0): the update subtracts lr·λ·w.
         impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
             compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
-            CPU tensor: the moments with the clip's sum, then the step; other tensors run "for-loop").
+            CPU tensor: the moments with the clip's sum, then the step; other tensors run "for-loop"), or "foreach"
+            (multi-tensor calls, a few kernels for all tensors on a GPU, the clips brought to the host once per group;
+            mixed dtypes and DTensor shards run "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
@@ -63,7 +68,7 @@ class StableAdamW(AdamFamily):
         impl = cpu_kernels.fused_or_fallback(impl, "StableAdamW")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), impl)
 
-    impls = (*ELEMENTWISE_IMPLS, "fused")
+    impls = (*ELEMENTWISE_IMPLS, "fused", "foreach")
 
     def fused_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
         """Every fp32/fp64 CPU tensor's step in one C++ call (:mod:`lmopt.optim.cpu_kernels`'
@@ -77,6 +82,16 @@ class StableAdamW(AdamFamily):
                                         adam_settings(chosen, scalars, constants))
         return fused
 
+    def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """impl "foreach": :func:`stable_adamw_foreach_step` per set of tensors sharing dtype, device, group and
+        step."""
+        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants)
+        for chosen in buckets:
+            stable_adamw_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
+                                      *([tensors[i][j] for i in chosen] for j in range(2)), scalars[chosen[0]],
+                                      constants[chosen[0]])
+        return taken
+
     @staticmethod
     def update(p, grad, tensors, scalars, c):
         exp_avg, exp_avg_sq = tensors
@@ -86,6 +101,29 @@ class StableAdamW(AdamFamily):
         decoupled_weight_decay_(p, lr, c["weight_decay"])
         direction = adam_direction(exp_avg, exp_avg_sq, bias1, bias2, c["eps"])
         add_scaled_(p, direction.div_(clip), -lr)
+
+
+def stable_adamw_foreach_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                              exp_avg_sqs: list[torch.Tensor], scalars: tuple[float, ...], c: dict) -> None:
+    """One StableAdamW step of tensors sharing dtype, device and hyper-parameters, in multi-tensor calls: the
+    moments, each RMS as ||g / √max(v̂, ε²)|| / √n by ``torch._foreach_norm`` (one copy of the clips to the host),
+    the decay, then W <- W - lr / max(1, RMS) · m̂ / (√v̂ + ε) in one ``addcdiv``."""
+    lr, bias1, bias2 = scalars
+    eps, weight_decay = c["eps"], c["weight_decay"]
+    adam_moments_foreach_(exp_avgs, exp_avg_sqs, grads, c["betas"])
+    floors = torch._foreach_div(exp_avg_sqs, bias2)
+    torch._foreach_clamp_min_(floors, eps * eps)
+    torch._foreach_sqrt_(floors)
+    scaled = torch._foreach_div(grads, floors)  # g / √max(v̂, ε²)
+    del floors
+    sizes = torch.tensor([p.numel() for p in params], dtype=params[0].dtype, device=params[0].device)
+    rms = torch.stack(torch._foreach_norm(scaled)) / sizes.sqrt()
+    del scaled
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    denominators = adam_denominators(exp_avg_sqs, bias2, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators,
+                            [-lr / (clip * bias1) for clip in rms.clamp(min=1.0).tolist()])
 
 
 register_class(
