@@ -177,15 +177,16 @@ def test_adafactor_fused_kernels_match_torch_in_float32_and_fall_back_where_they
 FOREACH = [name for name in ELEMENTWISE if "foreach" in OPTIMIZERS.get(name).impls]
 
 
-def test_the_multi_tensor_path_is_declared_by_lamb_and_stable_adamw():
-    assert set(FOREACH) == {"lamb", "stable-adamw"}
+def test_the_multi_tensor_path_is_declared_by_lamb_stable_adamw_amcs_and_msam():
+    assert set(FOREACH) == {"lamb", "stable-adamw", "amcs", "msam"}
 
 
 @pytest.mark.parametrize("name", FOREACH)
 def test_foreach_takes_what_it_can_and_leaves_the_rest_to_the_loop(name):
     """impl "foreach" over groups with different hyper-parameters, a second step count (a parameter that joined
-    later), fp64 and bf16 parameters beside fp32 ones (each dtype its own set of calls) and, for LAMB, a group
-    trusting the previous step (left to the loop): the for-loop's weights and state after several steps, within
+    later), fp64 and bf16 parameters beside fp32 ones (each dtype its own set of calls; MSAM leaves bf16 to the
+    loop) and, for LAMB, a group trusting the previous step (left to the loop), for MSAM one measuring γ on this
+    step: the for-loop's weights and state after several steps, within
     fp32 rounding (bf16: within one bf16 step, the two orders of its rounded intermediates)."""
     results = {}
     for impl in ("for-loop", "foreach"):
@@ -196,8 +197,9 @@ def test_foreach_takes_what_it_can_and_leaves_the_rest_to_the_loop(name):
         late = torch.nn.Parameter(torch.randn(3, 3))
         groups = [{"params": [*weights[:2], double]}, {"params": weights[2:4], "lr": 5e-3, "weight_decay": 0.0},
                   {"params": [weights[4], low]}]
-        extra = {"trust_from": "previous"} if name == "lamb" else {}
-        opt = OPTIMIZERS.get(name).cls(groups, impl=impl)
+        extra = {"lamb": {"trust_from": "previous"}, "msam": {"gamma_from": "current"}}.get(name, {})
+        spec = OPTIMIZERS.get(name)
+        opt = spec.cls(groups, impl=impl, **({"total_steps": 20} if spec.needs_total_steps else {}))
         opt.add_param_group({"params": [late], **extra})
         everything = [*weights, double, low, late]
         for step in range(5):

@@ -34,9 +34,16 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_
+from lmopt.optim.elementwise import (
+    ElementwiseOptimizer,
+    adam_denominators,
+    add_scaled_,
+    foreach_buckets,
+)
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptionError, register_class
 
@@ -73,8 +80,9 @@ class AMCS(ElementwiseOptimizer):
             (α = (1 + cos(π (t - 1) / (T - 1))) / 2).
         component_scales: scale the lr by role: attention ×1.2, embedding ×0.8, every other role ×1.0; False
             gives every group the base lr.
-        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
-            compilation is unavailable it warns once and runs "for-loop").
+        impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop") or "foreach" (multi-tensor calls, a few
+            kernels for all tensors on a GPU; mixed dtypes and DTensor shards run "for-loop").
     """
 
     def __init__(self, params, total_steps: int, lr: float = 5e-3,
@@ -92,6 +100,16 @@ class AMCS(ElementwiseOptimizer):
                                       component_scales=component_scales), impl)
 
     buffers = ("fast", "slow", "exp_avg_sq")
+    impls = (*ELEMENTWISE_IMPLS, "foreach")
+
+    def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """impl "foreach": :func:`amcs_foreach_step` per set of tensors sharing dtype, device, group and step."""
+        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants)
+        for chosen in buckets:
+            amcs_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
+                              *([tensors[i][j] for i in chosen] for j in range(3)), scalars[chosen[0]],
+                              constants[chosen[0]])
+        return taken
 
     def scalars(self, group, state):
         beta_fast, beta_slow, beta_v = group["betas"]
@@ -117,11 +135,30 @@ class AMCS(ElementwiseOptimizer):
         add_scaled_(p, m_hat.div_(denom), -component_lr)
 
 
+def amcs_foreach_step(params: list[torch.Tensor], grads: list[torch.Tensor], fasts: list[torch.Tensor],
+                      slows: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], scalars: tuple[float, ...],
+                      c: dict) -> None:
+    """One AMCS step of tensors sharing dtype, device, hyper-parameters and step, in multi-tensor calls (the
+    per-tensor update has no reduction, so nothing comes back to the host)."""
+    component_lr, fast_weight, slow_weight, bias_v = scalars
+    beta_fast, beta_slow, beta_v = c["betas"]
+    torch._foreach_lerp_(fasts, grads, 1 - beta_fast)
+    torch._foreach_lerp_(slows, grads, 1 - beta_slow)
+    torch._foreach_mul_(exp_avg_sqs, beta_v)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta_v)
+    mixed = torch._foreach_mul(fasts, fast_weight)
+    torch._foreach_add_(mixed, slows, alpha=slow_weight)  # α m̂_fast + (1 - α) m̂_slow
+    denominators = adam_denominators(exp_avg_sqs, bias_v, c["eps"])
+    if c["weight_decay"]:
+        torch._foreach_mul_(params, 1 - component_lr * c["weight_decay"])
+    torch._foreach_addcdiv_(params, mixed, denominators, value=-component_lr)
+
+
 register_class(
     AMCS,
     name="amcs",
     summary="AMCS: Adam whose momentum slides from fast (0.9) to slow (0.95) over the run; role lr scales",
     source="Aardvark 2025, Adaptive Momentum with Component Scaling, short paper",
     state_bytes_per_param=12.0,
-    impls=ELEMENTWISE_IMPLS,
+    impls=AMCS.impls,
 )

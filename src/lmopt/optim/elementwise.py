@@ -184,16 +184,18 @@ class AdamFamily(ElementwiseOptimizer):
 
 def foreach_buckets(params: list[Tensor], grads: list[Tensor], tensors: list[list[Tensor]],
                     scalars: list[tuple[float, ...]], constants: list[dict],
-                    takes: Callable[[int], bool] = lambda i: True) -> tuple[list[list[int]], list[bool]]:
+                    takes: Callable[[int], bool] = lambda i: True,
+                    buffers: int | None = None) -> tuple[list[list[int]], list[bool]]:
     """The tensors one set of multi-tensor calls can update together: the same device and dtype (the parameter,
-    its gradient and its state tensors alike), the same group (``constants``) and per-step numbers; and which
-    tensors are taken at all (``takes`` of their index; never DTensor shards, whose per-tensor norms are
-    reductions over ranks, nor mixed dtypes). Returns (index lists, taken flags)."""
+    its gradient and its first ``buffers`` state tensors alike, all of them by default), the same group
+    (``constants``) and per-step numbers; and which tensors are taken at all (``takes`` of their index; never
+    DTensor shards, whose per-tensor norms are reductions over ranks, nor mixed dtypes). Returns (index lists,
+    taken flags)."""
     buckets: dict[tuple, list[int]] = {}
     taken = []
     for i, (p, g, ts) in enumerate(zip(params, grads, tensors, strict=True)):
         ok = (takes(i) and not is_dtensor(p) and g.dtype == p.dtype and g.device == p.device
-              and all(t.dtype == p.dtype and t.device == p.device for t in ts))
+              and all(t.dtype == p.dtype and t.device == p.device for t in ts[:buffers]))
         taken.append(ok)
         if ok:
             buckets.setdefault((p.device, p.dtype, id(constants[i]), scalars[i]), []).append(i)

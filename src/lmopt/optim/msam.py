@@ -43,7 +43,13 @@ from lmopt.optim import cpu_kernels
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import ElementwiseOptimizer, add_scaled_, bias_corrections
+from lmopt.optim.elementwise import (
+    ElementwiseOptimizer,
+    adam_denominators,
+    add_scaled_,
+    bias_corrections,
+    foreach_buckets,
+)
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptionError, register_class
 
@@ -109,7 +115,9 @@ class MSAM(ElementwiseOptimizer):
         impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
             compilation is unavailable it warns once and runs "for-loop") or "fused" (C++ passes per fp32/fp64 CPU
             tensor: γ's three sums, then the moments and the step, the first skipped with ``gamma_from="previous"``;
-            other tensors run "for-loop").
+            other tensors run "for-loop") or "foreach" (multi-tensor calls, a few kernels for all tensors on a GPU,
+            the mixing weights brought to the host once per group; bf16/fp16, mixed dtypes and DTensor shards
+            run "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float, float] = (0.9, 0.95, 0.999),
@@ -126,7 +134,7 @@ class MSAM(ElementwiseOptimizer):
                                       gamma_from=gamma_from), impl)
 
     buffers = ("fast", "slow", "exp_avg_sq")
-    impls = (*ELEMENTWISE_IMPLS, "fused")
+    impls = (*ELEMENTWISE_IMPLS, "fused", "foreach")
 
     def tensors(self, p, state, group):
         """The three buffers, and with ``gamma_from="previous"`` the stability sums of the previous step (3,)."""
@@ -154,6 +162,20 @@ class MSAM(ElementwiseOptimizer):
             tensors[3].copy_(new_sums)
         return True
 
+    def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """impl "foreach": :func:`msam_foreach_step` per set of tensors sharing dtype, device, group and step (the
+        float32 stability sums of ``gamma_from="previous"`` beside them). bf16/fp16 tensors run ``update``, which
+        sums in float32: a bf16 g + m_slow would make the polarised dot product too coarse."""
+        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants, buffers=3,
+                                         takes=lambda i: params[i].dtype in (torch.float32, torch.float64))
+        for chosen in buckets:
+            previous = constants[chosen[0]]["gamma_from"] == "previous"
+            msam_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
+                              *([tensors[i][j] for i in chosen] for j in range(3)),
+                              [tensors[i][3] for i in chosen] if previous else None, scalars[chosen[0]],
+                              constants[chosen[0]])
+        return taken
+
     def scalars(self, group, state):
         return (group["lr"], *bias_corrections(group["betas"], state["step"]))
 
@@ -180,6 +202,47 @@ class MSAM(ElementwiseOptimizer):
         denom = (exp_avg_sq / bias_v).sqrt_().add_(c["eps"])
         decoupled_weight_decay_(p, lr, c["weight_decay"])
         add_scaled_(p, m_hat.div_(denom), -lr)
+
+
+def stability_sums_foreach(grads: list[Tensor], slows: list[Tensor]) -> Tensor:
+    """:func:`stability_sums` of every tensor, (n, 3) float32, from three ``_foreach_norm`` calls: g·m_slow as
+    (||g + m_slow||² - ||g||² - ||m_slow||²) / 2 (exactly 0 while m_slow is 0: g + 0 is g, bit for bit; otherwise
+    the cosine's error is ~ε ||g|| / ||m_slow||, 1e-6 in fp32 once m_slow holds a twentieth of g)."""
+    grad_sq = torch.stack(torch._foreach_norm(grads)).square()
+    slow_sq = torch.stack(torch._foreach_norm(slows)).square()
+    both = torch._foreach_add(grads, slows)
+    dots = (torch.stack(torch._foreach_norm(both)).square() - grad_sq - slow_sq) / 2
+    return torch.stack([dots, grad_sq, slow_sq], dim=1).float()
+
+
+def msam_foreach_step(params: list[Tensor], grads: list[Tensor], fasts: list[Tensor], slows: list[Tensor],
+                      exp_avg_sqs: list[Tensor], previous_sums: list[Tensor] | None, scalars: tuple[float, ...],
+                      c: dict) -> None:
+    """One MSAM step of tensors sharing dtype, device, hyper-parameters (the role among them) and step, in
+    multi-tensor calls: γ's sums for every tensor (:func:`stability_sums_foreach`; with ``previous_sums`` γ comes
+    from those and this step's are stored), the mixing weights α (one copy to the host), the moments, then
+    W <- W (1 - lr λ) - lr (α/b_f m_f + (1 - α)/b_s m_s) / (√v̂ + ε)."""
+    lr, bias_fast, bias_slow, bias_v = scalars
+    beta_fast, beta_slow, beta_v = c["betas"]
+    sums = stability_sums_foreach(grads, slows)
+    if previous_sums is not None:
+        gamma_sums = torch.stack(previous_sums)
+        torch._foreach_copy_(previous_sums, list(sums.unbind(0)))
+    else:
+        gamma_sums = sums
+    alphas = alpha_for_role(c["role"], stability_from_sums(gamma_sums.T, c["stability"])).tolist()
+    torch._foreach_lerp_(fasts, grads, 1 - beta_fast)
+    torch._foreach_lerp_(slows, grads, 1 - beta_slow)
+    torch._foreach_mul_(exp_avg_sqs, beta_v)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta_v)
+    mixed = torch._foreach_mul(fasts, [alpha / bias_fast for alpha in alphas])
+    slow_part = torch._foreach_mul(slows, [(1 - alpha) / bias_slow for alpha in alphas])
+    torch._foreach_add_(mixed, slow_part)
+    del slow_part
+    denominators = adam_denominators(exp_avg_sqs, bias_v, c["eps"])
+    if c["weight_decay"]:
+        torch._foreach_mul_(params, 1 - lr * c["weight_decay"])
+    torch._foreach_addcdiv_(params, mixed, denominators, value=-lr)
 
 
 register_class(
