@@ -177,13 +177,14 @@ def test_adafactor_fused_kernels_match_torch_in_float32_and_fall_back_where_they
 FOREACH = [name for name in ELEMENTWISE if "foreach" in OPTIMIZERS.get(name).impls]
 
 
-def test_the_multi_tensor_path_is_declared_by_lamb_stable_adamw_amcs_and_msam():
-    assert set(FOREACH) == {"lamb", "stable-adamw", "amcs", "msam"}
+def test_every_per_tensor_optimizer_but_ortho_adam_has_a_multi_tensor_path():
+    assert set(FOREACH) == set(ELEMENTWISE) - {"ortho-adam"}
 
 
 @pytest.mark.parametrize("name", FOREACH)
 def test_foreach_takes_what_it_can_and_leaves_the_rest_to_the_loop(name):
-    """impl "foreach" over groups with different hyper-parameters, a second step count (a parameter that joined
+    """impl "foreach" over groups with different hyper-parameters and roles (ASA's power iterations on the
+    attention group's matrices), a second step count (a parameter that joined
     later), fp64 and bf16 parameters beside fp32 ones (each dtype its own set of calls; MSAM leaves bf16 to the
     loop) and, for LAMB, a group trusting the previous step (left to the loop), for MSAM one measuring γ on this
     step: the for-loop's weights and state after several steps, within
@@ -195,7 +196,8 @@ def test_foreach_takes_what_it_can_and_leaves_the_rest_to_the_loop(name):
         double = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
         low = torch.nn.Parameter(torch.randn(6, 4).bfloat16())
         late = torch.nn.Parameter(torch.randn(3, 3))
-        groups = [{"params": [*weights[:2], double]}, {"params": weights[2:4], "lr": 5e-3, "weight_decay": 0.0},
+        groups = [{"params": [*weights[:2], double]},
+                  {"params": weights[2:4], "lr": 5e-3, "weight_decay": 0.0, "role": "attn_q"},
                   {"params": [weights[4], low]}]
         extra = {"lamb": {"trust_from": "previous"}, "msam": {"gamma_from": "current"}}.get(name, {})
         spec = OPTIMIZERS.get(name)

@@ -41,7 +41,16 @@ import torch
 from lmopt.optim.common import check_betas, check_common, decoupled_weight_decay_
 from lmopt.optim.distributed import replicate_like, replicated
 from lmopt.optim.elementwise import IMPLS as ELEMENTWISE_IMPLS
-from lmopt.optim.elementwise import AdamFamily, adam_direction, adam_moments_, add_scaled_, bias_corrections
+from lmopt.optim.elementwise import (
+    AdamFamily,
+    adam_denominators,
+    adam_direction,
+    adam_moments_,
+    adam_moments_foreach_,
+    add_scaled_,
+    bias_corrections,
+    foreach_buckets,
+)
 from lmopt.optim.kernels import power_iteration_sigma
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptionError, register_class
@@ -70,8 +79,10 @@ class ASA(AdamFamily):
         role_lr_scales: scale the lr by role: attention ×1.2, embedding ×0.8, every other role ×1 (the paper's
             +20% / -20%). With ``spectral_scale=0`` and this False, ASA is AdamW.
         seed: the seed of the first step's random vectors (combined with each matrix's shape).
-        impl: "for-loop" (tensor by tensor) or "compiled" (the whole step as one ``torch.compile``'d function; where
-            compilation is unavailable it warns once and runs "for-loop").
+        impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
+            compilation is unavailable it warns once and runs "for-loop") or "foreach" (Adam's part in multi-tensor
+            calls, a few kernels for all tensors on a GPU; the power iterations per attention matrix, their factors
+            brought to the host once per group; mixed dtypes and DTensor shards run "for-loop").
     """
 
     def __init__(self, params, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
@@ -94,6 +105,17 @@ class ASA(AdamFamily):
         return group.get("role", "other") in ATTENTION_ROLES and group["spectral_scale"] > 0 and p.dim() == 2
 
     constant_keys = ("spectral_scale", "power_iters")
+    impls = (*ELEMENTWISE_IMPLS, "foreach")
+
+    def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
+        """impl "foreach": :func:`asa_foreach_step` per set of tensors sharing dtype, device, group and step."""
+        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants, buffers=2)
+        for chosen in buckets:
+            asa_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
+                             *([tensors[i][j] for i in chosen] for j in range(2)),
+                             [tensors[i][2] if len(tensors[i]) == 3 else None for i in chosen], scalars[chosen[0]],
+                             constants[chosen[0]])
+        return taken
 
     def init_state(self, p, state, group):
         super().init_state(p, state, group)
@@ -128,11 +150,35 @@ class ASA(AdamFamily):
         add_scaled_(p, direction, -role_lr)
 
 
+def asa_foreach_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                     exp_avg_sqs: list[torch.Tensor], power_vectors: list[torch.Tensor | None],
+                     scalars: tuple[float, ...], c: dict) -> None:
+    """One ASA step of tensors sharing dtype, device, hyper-parameters and step: the moments in multi-tensor calls,
+    σ(W) by power iteration for each tensor with a ``power_vector`` (before the step, as ``update``), then
+    W <- W (1 - η_role λ_wd) - η_role (1 + λ σ) m̂ / (√v̂ + ε) in one ``addcdiv`` (the factors copied to the host
+    once)."""
+    role_lr, bias1, bias2 = scalars
+    adam_moments_foreach_(exp_avgs, exp_avg_sqs, grads, c["betas"])
+    sigmas = []
+    for p, vector in zip(params, power_vectors, strict=True):
+        if vector is None:
+            sigmas.append(torch.zeros((), dtype=torch.float64, device=p.device))
+            continue
+        sigma, v = power_iteration_sigma(p, vector, c["power_iters"])
+        vector.copy_(v)
+        sigmas.append(sigma.double())
+    factors = (1 + c["spectral_scale"] * torch.stack(sigmas)).tolist()
+    denominators = adam_denominators(exp_avg_sqs, bias2, c["eps"])
+    if c["weight_decay"]:
+        torch._foreach_mul_(params, 1 - role_lr * c["weight_decay"])
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, [-role_lr * factor / bias1 for factor in factors])
+
+
 register_class(
     ASA,
     name="asa",
     summary="ASA: AdamW whose attention steps are scaled by (1 + λ·spectral norm), role lr scales",
     source="Aardvark 2025, Attentive Spectral Adam, short paper",
     state_bytes_per_param=8.0,  # plus one vector per attention matrix
-    impls=ELEMENTWISE_IMPLS,
+    impls=ASA.impls,
 )
