@@ -74,3 +74,14 @@ def test_a_muon_pair_timed_on_some_layers_is_scaled_to_the_whole_model():
     assert "50.0x (its defaults), 100.0x (refreshing every 10 steps) (timed on 1 of 4 layers' matrices" in text
     assert "| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | 2.00x (timed on 1 of 4" in text
     assert spectra_matrix_state_ratio(RESULTS, scale=4) == (600 - (800 - 8 * 200)) / (8 * 200)
+
+
+def test_spectra_against_torch_muon_is_judged_on_the_same_matrices_where_both_were_timed():
+    # torch's Muon 2.0 s on 1 of 4 layers; Spectra on the same matrices 0.25 s (fused) or 0.4 s: 8.0x, below 10x,
+    # while the whole-model ratio (8.0 s / 0.16 s = 50x) would say yes
+    same = RESULTS | {"spectra (matrices only)": row(0.4, 5.0), "spectra (fused, matrices only)": row(0.25, 3.0)}
+    text = summary({"results": same, "layers": 4, "muon_pair_layers": 1})
+    assert ("| Spectra ≥ 10x faster than `torch.optim.Muon` | 8.0x on the same matrices "
+            "(`spectra (fused, matrices only)`, one set); whole model 50.0x (its defaults)") in text
+    assert "| no on the same matrices |" in text
+    assert fastest_rows(same)["spectra"] == "spectra (fused)"  # a matrices-only row is not Spectra's whole step

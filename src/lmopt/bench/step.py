@@ -103,6 +103,9 @@ def _step_candidates(model: torch.nn.Module, compiled: bool,
         matrices = [p for p in matrices if id(p) in kept]
     out["torch.optim.Muon (matrices only)"] = lambda: torch.optim.Muon(matrices, lr=1e-3)
     out["lmopt muon (matrices only)"] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original")
+    out[SPECTRA_MATRICES[0]] = lambda: Spectra(matrices)
+    if not next(model.parameters()).is_cuda:  # the C++ kernels are the CPU's
+        out[SPECTRA_MATRICES[1]] = lambda: Spectra(matrices, impl="fused")
     out["muon (standard Newton–Schulz)"] = lambda: build("muon", model, ns_method="standard")
     if next(model.parameters()).is_cuda:  # the stacked step's QR runs on a GPU only
         out[SPECTRA_HOUSEHOLDER] = lambda: householder_refresh(build("spectra", model, total_steps=1000))
@@ -116,11 +119,13 @@ def householder_refresh(opt: Spectra) -> Spectra:
 
 
 MUON_PAIR = ("torch.optim.Muon (matrices only)", "lmopt muon (matrices only)")
+SPECTRA_MATRICES = ("spectra (matrices only)", "spectra (fused, matrices only)")  # on the Muon pair's matrices
 
 
 def _interleaving_sets(names: list[str]) -> list[list[str]]:
-    """Each candidate alone with the baseline, except torch's and lmopt's Muon, which are compared directly."""
-    paired = [n for n in MUON_PAIR if n in names]
+    """Each candidate alone with the baseline, except the optimizers timed on the same matrices only (torch's and
+    lmopt's Muon, Spectra), which are compared directly in one set."""
+    paired = [n for n in (*MUON_PAIR, *SPECTRA_MATRICES) if n in names]
     return [[n] for n in names if n not in paired] + ([paired] if paired else [])
 
 
@@ -474,6 +479,11 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
                   "(tests/optim/test_papers.py); fp32 is at least as close to the exact polar factor on real "
                   "gradients (tests/optim/test_newton_schulz.py), and `lmopt bench variant` compares the final "
                   "losses on held-out seeds (results/cpu-full/variants.md)."]
+        spectra = [result["results"][name] for name in SPECTRA_MATRICES if name in result["results"]]
+        if spectra:
+            fastest = min(row["step_seconds"] for row in spectra)
+            lines += ["", f"Spectra (its defaults, fastest implementation) on the same matrices, in the same set: "
+                      f"{pair[0]['step_seconds'] / fastest:.1f}x as fast as `torch.optim.Muon`."]
     for section in result.get("notes", []):
         lines += ["", section]
     path = out_dir / f"{stem}.md"
