@@ -140,13 +140,13 @@ class ElementwiseOptimizer(LmoptOptimizer):
         compiled = self.impl == "compiled" and not any(is_dtensor(p) for p in params)
         if not (compiled and self._run_compiled(work, tensors, scalars, constants, grads)):
             if self.impl == "fused":
-                fused = self.fused_updates(work, grads, tensors, scalars, constants)
+                done = self.fused_updates(work, grads, tensors, scalars, constants)
             elif self.impl == "foreach":
-                fused = self.foreach_updates(work, grads, tensors, scalars, constants)
+                done = self.foreach_updates(work, grads, tensors, scalars, constants)
             else:
-                fused = [False] * len(work)
-            for w, g, ts, s, c, done in zip(work, grads, tensors, scalars, constants, fused, strict=True):
-                if not done:
+                done = [False] * len(work)
+            for w, g, ts, s, c, updated in zip(work, grads, tensors, scalars, constants, done, strict=True):
+                if not updated:
                     self.update(w, g, ts, s, c)
         for p, w in zip(params, work, strict=True):
             if w is not p:
