@@ -45,7 +45,7 @@ torch.cuda.get_device_name())'; $PY -m pip list 2>/dev/null | grep -iE '^(torch|
 ROWS=("adamw (foreach)" muon "muon (gram)" lamb "lamb (foreach)" adafactor stable-adamw "stable-adamw (foreach)"
       ortho-adam "ortho-adam (kronecker)" asm asa "asa (foreach)" msam "msam (foreach)" amcs "amcs (foreach)" spectra
       "spectra (householder qr)" "spectra (refresh every 10)" "spectra (refresh after the step)" "spectra (for-loop)"
-      "torch.optim.Muon (matrices only)" "lmopt muon (matrices only)")
+      "torch.optim.Muon (matrices only)" "lmopt muon (matrices only)" "spectra (matrices only)")
 stage step "${STEP_LIMIT:-150}" $PY -m lmopt.cli bench step --device "$DEVICE" --preset "${STEP_PRESET:-qwen3-134m}" --repeats 15 \
   --warmup 3 --train-preset none --no-compiled --profile spectra muon --only "${ROWS[@]}" --out "$W/results/step"
 

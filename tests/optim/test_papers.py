@@ -248,9 +248,10 @@ def test_refined_basis_spans_what_a_householder_qr_spans(condition):
     assert (projector - householder @ householder.mT).abs().max() < 1e-8 * condition
 
 
-def test_refined_basis_keeps_the_previous_directions_where_the_product_loses_rank():
-    """A rank-deficient M (here M Mᵀ U of rank 3 of 8, and a zero M): an orthonormal basis all the same, holding
-    the product's directions, the rest from the previous basis (no NaN, no lost dimension)."""
+def test_refined_basis_stays_orthonormal_where_the_product_loses_rank():
+    """A rank-deficient product (M Mᵀ U of rank 3 of 8, and a zero one): an orthonormal basis all the same (no NaN,
+    no lost dimension) holding the product's directions; for the zero product, the previous basis; a product with
+    a NaN keeps the previous basis too."""
     previous = orthonormal_basis_of(256, 8, 2, seed=2)
     low_rank = spread_columns(256, 8, 2, 10.0, seed=3)
     low_rank[..., 3:] = low_rank[..., :3] @ torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(4))
@@ -263,6 +264,10 @@ def test_refined_basis_keeps_the_previous_directions_where_the_product_loses_ran
     inside = torch.linalg.vector_norm(Q @ (Q.mT @ low_rank), dim=-2) / torch.linalg.vector_norm(low_rank, dim=-2)
     torch.testing.assert_close(inside, torch.ones_like(inside))  # the product's span lies in the basis
     torch.testing.assert_close(refined_basis(zero, previous[:1]).abs(), previous[:1].abs(), atol=1e-6, rtol=0)
+    broken = low_rank.clone()
+    broken[1, 0, 0] = float("nan")
+    Q = refined_basis(broken, previous)
+    assert torch.isfinite(Q[0]).all() and torch.equal(Q[1], previous[1])  # only the broken matrix keeps its basis
 
 
 def test_spectra_tracks_the_spike_of_its_momentum():

@@ -124,9 +124,12 @@ SPECTRA_MATRICES = ("spectra (matrices only)", "spectra (fused, matrices only)")
 
 def _interleaving_sets(names: list[str]) -> list[list[str]]:
     """Each candidate alone with the baseline, except the optimizers timed on the same matrices only (torch's and
-    lmopt's Muon, Spectra), which are compared directly in one set."""
+    lmopt's Muon, Spectra), which are compared directly in one set, and Spectra beside its Householder-QR row
+    (a GPU's launch-bound rows move too much between sets to compare them across)."""
     paired = [n for n in (*MUON_PAIR, *SPECTRA_MATRICES) if n in names]
-    return [[n] for n in names if n not in paired] + ([paired] if paired else [])
+    qr_pair = [n for n in ("spectra", SPECTRA_HOUSEHOLDER) if n in names] if SPECTRA_HOUSEHOLDER in names else []
+    return ([[n] for n in names if n not in paired and n not in qr_pair] + ([paired] if paired else [])
+            + ([qr_pair] if qr_pair else []))
 
 
 def _synchronize(device: torch.device) -> None:

@@ -212,21 +212,25 @@ def block_power_iteration(M: Tensor, U: Tensor, iters: int = 1) -> Tensor:
     return U
 
 
-def refined_basis(grown: Tensor, previous: Tensor, completion: float = 1e-8) -> Tensor:
+def refined_basis(grown: Tensor, previous: Tensor, completion: float | None = None) -> Tensor:
     """An orthonormal basis of span(M Mᵀ U) from grown = M Mᵀ U and previous = U (batched (b, r, k) or (r, k)),
     by shifted CholeskyQR3 in float64 (Fukaya et al. 2020) instead of a Householder QR.
 
     On a GPU ``torch.linalg.qr`` runs a kernel per matrix (84 for qwen3-134m: 3.8 ms of Spectra's 12.8 ms step on
     an H100); this is three k x k Gram matrices, Cholesky factors and triangular solves for the whole batch.
-    The columns are first scaled to unit Frobenius norm and ``completion`` x U added, i.e. one step of the power
-    iteration on M Mᵀ + δ I (δ ~ 1e-8 ||M Mᵀ U||: the same top-k subspace, a change in the span 10x below fp32's
-    rounding of the product itself), so that the product never loses rank: where M's rank is below k (a zero
-    gradient, say) the basis keeps the previous directions, as a Householder QR keeps arbitrary orthonormal
-    ones, and no Cholesky factor fails: the completion bounds the condition number by ~1e8 sqrt(k), which the
-    shifted first pass brings down to a few (it reaches ~1e15 in float64); the two plain passes then make the
-    columns orthonormal to float64 rounding. The signs of the columns may differ from a Householder QR's (the
-    spike's shaping does not depend on them). Returns ``grown``'s dtype.
+    The columns are first scaled to unit Frobenius norm and ``completion`` x U added (default: a tenth of the
+    product's dtype's ε, 1.2e-8 for float32; 1e-14 for float64), i.e. one step of the power iteration on
+    M Mᵀ + δ I: the same top-k subspace, a change in the span 10x below the rounding of the product itself. So the
+    product never loses rank: where M's rank is below k the missing directions come from the product's rounding
+    noise or, for a zero product, from the previous basis, orthonormal either way (a Householder QR fills them
+    arbitrarily too), and no Cholesky factor fails: the completion bounds the condition number by
+    ~sqrt(k) / completion, which the shifted first pass brings down to a few (it reaches ~1e15 in float64); the two
+    plain passes then make the columns orthonormal to float64 rounding. A matrix whose product is not finite
+    keeps its previous basis. The signs of the columns may differ from a Householder QR's (the spike's shaping
+    does not depend on them). Returns ``grown``'s dtype.
     """
+    if completion is None:
+        completion = max(0.1 * torch.finfo(grown.dtype).eps, 1e-14)
     A = grown.double()
     A = A / torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True).clamp(min=1e-300)
     A = A + completion * previous.double()
@@ -237,7 +241,8 @@ def refined_basis(grown: Tensor, previous: Tensor, completion: float = 1e-8) -> 
         gram = A.mT @ A + shift * identity if shifted else A.mT @ A
         R, _ = torch.linalg.cholesky_ex(gram, upper=True)
         A = torch.linalg.solve_triangular(R, A, upper=True, left=False)  # A R⁻¹
-    return A.to(grown.dtype)
+    finite = torch.isfinite(A).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    return torch.where(finite, A, previous.double()).to(grown.dtype)
 
 
 def top_left_singular_basis(M: Tensor, k: int) -> Tensor:

@@ -116,7 +116,7 @@ class MSAM(ElementwiseOptimizer):
             compilation is unavailable it warns once and runs "for-loop") or "fused" (C++ passes per fp32/fp64 CPU
             tensor: γ's three sums, then the moments and the step, the first skipped with ``gamma_from="previous"``;
             other tensors run "for-loop") or "foreach" (multi-tensor calls, a few kernels for all tensors on a GPU,
-            the mixing weights brought to the host once per group; bf16/fp16, mixed dtypes and DTensor shards
+            the mixing weights brought to the host once per group; bf16 tensors, mixed dtypes and DTensor shards
             run "for-loop").
     """
 
@@ -164,8 +164,8 @@ class MSAM(ElementwiseOptimizer):
 
     def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
         """impl "foreach": :func:`msam_foreach_step` per set of tensors sharing dtype, device, group and step (the
-        float32 stability sums of ``gamma_from="previous"`` beside them). bf16/fp16 tensors run ``update``, which
-        sums in float32: a bf16 g + m_slow would make the polarised dot product too coarse."""
+        float32 stability sums of ``gamma_from="previous"`` beside them). bf16 tensors run ``update``, which sums
+        in float32 (fp16 parameters arrive here as float32 working copies)."""
         buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants, buffers=3,
                                          takes=lambda i: params[i].dtype in (torch.float32, torch.float64))
         for chosen in buckets:
@@ -205,13 +205,17 @@ class MSAM(ElementwiseOptimizer):
 
 
 def stability_sums_foreach(grads: list[Tensor], slows: list[Tensor]) -> Tensor:
-    """:func:`stability_sums` of every tensor, (n, 3) float32, from three ``_foreach_norm`` calls: g·m_slow as
-    (||g + m_slow||² - ||g||² - ||m_slow||²) / 2 (exactly 0 while m_slow is 0: g + 0 is g, bit for bit; otherwise
-    the cosine's error is ~ε ||g|| / ||m_slow||, 1e-6 in fp32 once m_slow holds a twentieth of g)."""
+    """:func:`stability_sums` of every tensor, (n, 3) float32, from four ``_foreach_norm`` calls (there is no
+    multi-tensor sum): with p = g ⊙ m_slow, g·m_slow = 2 Σ max(p, 0) - Σ |p|, two 1-norms. Exactly 0 while m_slow
+    is 0, and the cosine's error stays at the sums' rounding relative to Σ |p| <= ||g|| ||m_slow||, whatever the
+    ratio of the two norms (a polarised ||g + m_slow||² would lose it as that ratio grows). Summed in the tensors'
+    dtype (float64 for float64 tensors, where the loop sums in float32)."""
     grad_sq = torch.stack(torch._foreach_norm(grads)).square()
     slow_sq = torch.stack(torch._foreach_norm(slows)).square()
-    both = torch._foreach_add(grads, slows)
-    dots = (torch.stack(torch._foreach_norm(both)).square() - grad_sq - slow_sq) / 2
+    products = torch._foreach_mul(grads, slows)
+    absolute = torch.stack(torch._foreach_norm(products, 1))
+    torch._foreach_clamp_min_(products, 0.0)
+    dots = 2 * torch.stack(torch._foreach_norm(products, 1)) - absolute
     return torch.stack([dots, grad_sq, slow_sq], dim=1).float()
 
 

@@ -15,6 +15,8 @@ Defaults: betas (0.9, 0.95) like lmopt's AdamW, eps 1e-8 (the paper uses 1e-6 wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmopt.optim import cpu_kernels
@@ -116,14 +118,13 @@ def stable_adamw_foreach_step(params: list[torch.Tensor], grads: list[torch.Tens
     torch._foreach_sqrt_(floors)
     scaled = torch._foreach_div(grads, floors)  # g / √max(v̂, ε²)
     del floors
-    sizes = torch.tensor([p.numel() for p in params], dtype=params[0].dtype, device=params[0].device)
-    rms = torch.stack(torch._foreach_norm(scaled)) / sizes.sqrt()
+    norms = torch.stack(torch._foreach_norm(scaled)).tolist()
     del scaled
+    clips = [max(1.0, norm / math.sqrt(p.numel())) for norm, p in zip(norms, params, strict=True)]
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     denominators = adam_denominators(exp_avg_sqs, bias2, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denominators,
-                            [-lr / (clip * bias1) for clip in rms.clamp(min=1.0).tolist()])
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, [-lr / (clip * bias1) for clip in clips])
 
 
 register_class(
