@@ -338,6 +338,22 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     assert "| spectra |" in text and "## Training step" in text and "| ratio |" in text
     assert "Where the time goes: `spectra`" in text and result["profiles"]["spectra"][0]["calls"] >= 1
     assert f"({cpu_description()})" in text.splitlines()[2]  # the CPU is named: its bf16 support decides "auto"
+    # Spectra on the Muon pair's matrices (a CPU: the fused row too), reported against torch's Muon in the file
+    assert {"spectra (matrices only)", "spectra (fused, matrices only)"} <= set(rows)
+    assert "on the same matrices, in the same set:" in text
+
+
+def test_rows_compared_with_each_other_share_one_interleaved_set():
+    """The optimizers timed on the same matrices (torch's and lmopt's Muon, Spectra) in one set, Spectra beside
+    its Householder-QR row (a GPU's), everything else alone with the baseline."""
+    from lmopt.bench.step import _interleaving_sets
+
+    names = ["lamb", "torch.optim.Muon (matrices only)", "spectra", "spectra (matrices only)",
+             "lmopt muon (matrices only)", "spectra (householder qr)"]
+    assert _interleaving_sets(names) == [
+        ["lamb"], ["torch.optim.Muon (matrices only)", "lmopt muon (matrices only)", "spectra (matrices only)"],
+        ["spectra", "spectra (householder qr)"]]
+    assert _interleaving_sets(["lamb", "spectra"]) == [["lamb"], ["spectra"]]
 
 
 def test_gpu_step_tables_are_named_after_the_gpu(tmp_path):

@@ -104,11 +104,11 @@ def _step_candidates(model: torch.nn.Module, compiled: bool,
     out["torch.optim.Muon (matrices only)"] = lambda: torch.optim.Muon(matrices, lr=1e-3)
     out["lmopt muon (matrices only)"] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original")
     out[SPECTRA_MATRICES[0]] = lambda: Spectra(matrices)
-    if not next(model.parameters()).is_cuda:  # the C++ kernels are the CPU's
-        out[SPECTRA_MATRICES[1]] = lambda: Spectra(matrices, impl="fused")
     out["muon (standard Newton–Schulz)"] = lambda: build("muon", model, ns_method="standard")
     if next(model.parameters()).is_cuda:  # the stacked step's QR runs on a GPU only
         out[SPECTRA_HOUSEHOLDER] = lambda: householder_refresh(build("spectra", model, total_steps=1000))
+    else:  # the C++ kernels are the CPU's
+        out[SPECTRA_MATRICES[1]] = lambda: Spectra(matrices, impl="fused")
     return out
 
 
@@ -126,10 +126,11 @@ def _interleaving_sets(names: list[str]) -> list[list[str]]:
     """Each candidate alone with the baseline, except the optimizers timed on the same matrices only (torch's and
     lmopt's Muon, Spectra), which are compared directly in one set, and Spectra beside its Householder-QR row
     (a GPU's launch-bound rows move too much between sets to compare them across)."""
-    paired = [n for n in (*MUON_PAIR, *SPECTRA_MATRICES) if n in names]
-    qr_pair = [n for n in ("spectra", SPECTRA_HOUSEHOLDER) if n in names] if SPECTRA_HOUSEHOLDER in names else []
-    return ([[n] for n in names if n not in paired and n not in qr_pair] + ([paired] if paired else [])
-            + ([qr_pair] if qr_pair else []))
+    together = [[n for n in (*MUON_PAIR, *SPECTRA_MATRICES) if n in names]]
+    if SPECTRA_HOUSEHOLDER in names:
+        together.append([n for n in ("spectra", SPECTRA_HOUSEHOLDER) if n in names])
+    grouped = {n for members in together for n in members}
+    return [[n] for n in names if n not in grouped] + [members for members in together if members]
 
 
 def _synchronize(device: torch.device) -> None:
