@@ -42,7 +42,7 @@ from lmopt.optim.elementwise import (
     ElementwiseOptimizer,
     adam_denominators,
     add_scaled_,
-    foreach_buckets,
+    foreach_in_buckets,
 )
 from lmopt.optim.roles import ATTENTION_ROLES
 from lmopt.optim.spec import OptionError, register_class
@@ -104,12 +104,7 @@ class AMCS(ElementwiseOptimizer):
 
     def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
         """impl "foreach": :func:`amcs_foreach_step` per set of tensors sharing dtype, device, group and step."""
-        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants)
-        for chosen in buckets:
-            amcs_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
-                              *([tensors[i][j] for i in chosen] for j in range(3)), scalars[chosen[0]],
-                              constants[chosen[0]])
-        return taken
+        return foreach_in_buckets(amcs_foreach_step, 3, params, grads, tensors, scalars, constants)
 
     def scalars(self, group, state):
         beta_fast, beta_slow, beta_v = group["betas"]

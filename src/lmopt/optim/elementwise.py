@@ -202,6 +202,18 @@ def foreach_buckets(params: list[Tensor], grads: list[Tensor], tensors: list[lis
     return list(buckets.values()), taken
 
 
+def foreach_in_buckets(step: Callable[..., None], buffers: int, params: list[Tensor], grads: list[Tensor],
+                       tensors: list[list[Tensor]], scalars: list[tuple[float, ...]], constants: list[dict],
+                       takes: Callable[[int], bool] = lambda i: True) -> list[bool]:
+    """``step(params, grads, *the first ``buffers`` state lists, scalars, constants)`` once per set of
+    :func:`foreach_buckets`; returns which tensors were taken (the others run ``update``)."""
+    buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants, takes=takes, buffers=buffers)
+    for chosen in buckets:
+        step(*([x[i] for i in chosen] for x in (params, grads)),
+             *([tensors[i][j] for i in chosen] for j in range(buffers)), scalars[chosen[0]], constants[chosen[0]])
+    return taken
+
+
 def adam_moments_foreach_(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor],
                           betas: Sequence[float]) -> None:
     """:func:`adam_moments_` over lists, in three multi-tensor calls."""

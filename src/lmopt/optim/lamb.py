@@ -36,7 +36,7 @@ from lmopt.optim.elementwise import (
     adam_moments_,
     adam_moments_foreach_,
     adam_settings,
-    foreach_buckets,
+    foreach_in_buckets,
     fused_adam_family,
 )
 from lmopt.optim.spec import OptionError, register_class
@@ -137,13 +137,8 @@ class LAMB(AdamFamily):
 
     def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
         """impl "foreach": :func:`lamb_foreach_step` per set of tensors sharing dtype, device, group and step."""
-        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants,
-                                         takes=lambda i: constants[i]["trust_from"] == "current")
-        for chosen in buckets:
-            lamb_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
-                              *([tensors[i][j] for i in chosen] for j in range(2)), scalars[chosen[0]],
-                              constants[chosen[0]])
-        return taken
+        return foreach_in_buckets(lamb_foreach_step, 2, params, grads, tensors, scalars, constants,
+                                  takes=lambda i: constants[i]["trust_from"] == "current")
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):

@@ -30,7 +30,7 @@ from lmopt.optim.elementwise import (
     adam_moments_foreach_,
     adam_settings,
     add_scaled_,
-    foreach_buckets,
+    foreach_in_buckets,
     fused_adam_family,
 )
 from lmopt.optim.spec import register_class
@@ -87,12 +87,7 @@ class StableAdamW(AdamFamily):
     def foreach_updates(self, params, grads, tensors, scalars, constants) -> list[bool]:
         """impl "foreach": :func:`stable_adamw_foreach_step` per set of tensors sharing dtype, device, group and
         step."""
-        buckets, taken = foreach_buckets(params, grads, tensors, scalars, constants)
-        for chosen in buckets:
-            stable_adamw_foreach_step(*([x[i] for i in chosen] for x in (params, grads)),
-                                      *([tensors[i][j] for i in chosen] for j in range(2)), scalars[chosen[0]],
-                                      constants[chosen[0]])
-        return taken
+        return foreach_in_buckets(stable_adamw_foreach_step, 2, params, grads, tensors, scalars, constants)
 
     @staticmethod
     def update(p, grad, tensors, scalars, c):
