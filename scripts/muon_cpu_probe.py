@@ -4,16 +4,18 @@
 
 Writes a markdown file (naming this command, the commit and the CPU) with:
 1. one qwen3-134m layer's 7 hidden matrices orthogonalised by torch.optim.Muon's function and by lmopt's settings
-   (bf16, fp32, fp32 Gram space, 4 Polar Express steps), interleaved, median ms;
+   (bf16 standard and Gram space in segments, fp32, fp32 Gram space, 4 Polar Express steps), interleaved, median ms;
 2. a bf16 batch of two 2048x512 products against the same two products one by one;
 3. on real gradients (a nano model after 8 AdamW steps on Brown, as tests/optim/test_newton_schulz.py):
    the relative distance to the polar factor U Vᵀ of Keller's 5 steps and of 3 and 4 Polar Express steps, the
-   distance of bf16 Gram-space and of a folded iteration ((aI + bA + cA²) X in one product) to the exact iteration.
+   distance of bf16 Gram space (in segments and in one) and of a folded iteration ((aI + bA + cA²) X in one
+   product) to the exact iteration.
 Speed here, accuracy in the tests: nothing in this file is asserted.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,10 @@ def layer_timings(repeats: int) -> dict[str, float]:
     mats = [p for g in matrix_param_groups(model, 0.1) if g["matrix"] for p in g["params"] if id(p) in kept]
     for p in mats:
         p.grad = torch.randn_like(p) * 1e-3
-    options = {"lmopt bf16": dict(ns_dtype="bfloat16"), "lmopt fp32": dict(ns_dtype="float32",
-               ns_method="standard"), "lmopt fp32 Gram space": dict(ns_dtype="float32", ns_method="gram"),
+    options = {"lmopt bf16, standard iteration": dict(ns_dtype="bfloat16", ns_method="standard"),
+               "lmopt bf16, Gram space in segments (default)": dict(ns_dtype="bfloat16"),
+               "lmopt fp32": dict(ns_dtype="float32", ns_method="standard"),
+               "lmopt fp32 Gram space": dict(ns_dtype="float32", ns_method="gram"),
                "lmopt bf16, 4 Polar Express steps": dict(ns_dtype="bfloat16", ns_coefficients="polar-express",
                                                          ns_steps=4)}
     opts = {"torch.optim.Muon": torch.optim.Muon(mats, lr=1e-3)}
@@ -76,8 +80,12 @@ def accuracy() -> dict[str, tuple[float, float]]:
                 "to the exact iteration: bf16": relative(newton_schulz(G.float()), exact),
                 "to the exact iteration: bf16, a folded into one product": relative(folded_bf16(G.float()), exact),
                 "to the exact iteration: fp32 Gram space": relative(newton_schulz_gram(G.float()), exact),
-                "to the exact iteration: bf16 Gram space": relative(
-                    newton_schulz_gram(G.float(), dtype=torch.bfloat16), exact)}
+                "to the exact iteration: bf16 Gram space in segments (3 + 2)": relative(
+                    newton_schulz_gram(G.float(), dtype=torch.bfloat16), exact),
+                "to the exact iteration: bf16 Gram space, one segment": relative(
+                    newton_schulz_gram(G.float(), dtype=torch.bfloat16, growth_limit=math.inf), exact),
+                "to U Vᵀ: bf16 Gram space in segments": relative(newton_schulz_gram(G.float(), dtype=torch.bfloat16),
+                                                                 polar)}
         for k, v in rows.items():
             out.setdefault(k, []).append(v)
     return {k: (float(np.mean(v)), float(np.max(v))) for k, v in out.items()}

@@ -2,6 +2,8 @@
 factor U Vᵀ of real gradients (a nano model on the Brown corpus), so a faster setting is known to give the same
 update."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,10 @@ import torch
 from lmopt.analysis.collect import hidden_matrix_gradients
 from lmopt.optim import Muon
 from lmopt.optim.kernels import (
+    GRAM_GROWTH_LIMIT,
     NS_COEFFICIENTS,
     gram_is_cheaper,
+    gram_segments,
     minimax_odd_quintic,
     newton_schulz,
     newton_schulz_gram,
@@ -165,23 +169,63 @@ def test_the_gram_space_iteration_is_the_same_iteration(real_gradients, coeffici
                           newton_schulz_gram(batch[1], dtype=torch.float64), atol=1e-12)
 
 
-def test_muon_takes_the_gram_space_by_default_where_it_is_cheaper_and_in_fp32():
+def test_gram_segments_bound_the_growth_of_each_run_in_bf16_only():
+    keller = [NS_COEFFICIENTS] * 5
+    assert [len(s) for s in gram_segments(keller, torch.bfloat16)] == [3, 2]  # a³ = 41 <= 64 < a⁴
+    assert [len(s) for s in gram_segments(keller, torch.float32)] == [5]
+    assert [len(s) for s in gram_segments(keller, torch.bfloat16, growth_limit=math.inf)] == [5]
+    assert [len(s) for s in gram_segments(keller, torch.bfloat16, growth_limit=1.0)] == [1] * 5
+    for segment in gram_segments(polar_express(5), torch.bfloat16):
+        assert len(segment) == 1 or math.prod(abs(a) for a, _, _ in segment) <= GRAM_GROWTH_LIMIT[torch.bfloat16]
+    assert sum(map(len, gram_segments(polar_express(5), torch.bfloat16))) == 5
+
+
+@pytest.mark.parametrize("coefficients", [NS_COEFFICIENTS, polar_express(5)], ids=["keller", "polar-express"])
+def test_the_bf16_gram_space_iteration_keeps_the_bf16_iterations_accuracy(real_gradients, coefficients):
+    """Equal results for lmopt's bf16 default: restarted every three iterations, the Gram-space iteration in bf16 is
+    as far from the exact (float64) iteration as torch's bf16 iteration is, and as close to U Vᵀ. Measured on these
+    gradients (Keller's / Polar Express): mean distance to the exact iteration 0.104 / 0.148 against 0.097 / 0.129
+    for the standard bf16 iteration, at most 0.04 / 0.05 more on any matrix; to U Vᵀ at most 0.006 / 0.011 more.
+    Without restarts (one segment) it diverges: the reason for the segments."""
+    to_exact = {"standard": [], "gram": [], "one segment": []}
+    to_polar = {"standard": [], "gram": []}
+    for G in real_gradients:
+        exact = newton_schulz(G, coefficients=coefficients, dtype=torch.float64)
+        outputs = {"standard": newton_schulz(G.float(), coefficients=coefficients, dtype=torch.bfloat16),
+                   "gram": newton_schulz_gram(G.float(), coefficients=coefficients, dtype=torch.bfloat16),
+                   "one segment": newton_schulz_gram(G.float(), coefficients=coefficients, dtype=torch.bfloat16,
+                                                     growth_limit=math.inf)}
+        for name, O in outputs.items():
+            to_exact[name].append(((O.double() - exact).norm() / exact.norm()).item())
+            if name in to_polar:
+                to_polar[name].append(polar_error(G, O))
+    standard, gram = np.array(to_exact["standard"]), np.array(to_exact["gram"])
+    assert gram.mean() <= 1.25 * standard.mean()
+    assert np.all(gram <= standard + 0.08)
+    assert np.all(np.array(to_polar["gram"]) <= np.array(to_polar["standard"]) + 0.02)
+    assert max(to_exact["one segment"]) > 1.0
+
+
+def test_muon_takes_the_gram_space_by_default_where_it_is_cheaper():
     assert gram_is_cheaper((2048, 512)) and gram_is_cheaper((512, 2048)) and not gram_is_cheaper((512, 512))
+    assert gram_is_cheaper((1024, 512), 5, [3, 2]) and not gram_is_cheaper((512, 512), 5, [3, 2])
     gen = torch.Generator().manual_seed(0)
     grads = {"mlp": torch.randn(256, 64, generator=gen), "square": torch.randn(64, 64, generator=gen)}
-    for name, g in grads.items():
-        steps = {}
-        for method in ("standard", "gram", None):  # None: Muon's default
-            W = torch.nn.Parameter(torch.zeros_like(g))
-            W.grad = g.clone()
-            options = {} if method is None else {"ns_method": method}
-            Muon([W], lr=1.0, weight_decay=0.0, ns_dtype="float32", **options).step()
-            steps[method] = W.detach().clone()
-        assert torch.equal(steps[None], steps["gram"])  # fp32 Newton–Schulz takes the Gram space by default
-        if name == "square":  # not cheaper: the plain iteration, bit for bit
-            assert torch.equal(steps["standard"], steps["gram"])
-        else:
-            assert not torch.equal(steps["standard"], steps["gram"])
-            torch.testing.assert_close(steps["gram"], steps["standard"], rtol=0, atol=1e-5)
+    for ns_dtype, tolerance in (("float32", 1e-5), ("bfloat16", 0.08)):  # relative Frobenius distance
+        for name, g in grads.items():
+            steps = {}
+            for method in ("standard", "gram", None):  # None: Muon's default
+                W = torch.nn.Parameter(torch.zeros_like(g))
+                W.grad = g.clone()
+                options = {} if method is None else {"ns_method": method}
+                Muon([W], lr=1.0, weight_decay=0.0, ns_dtype=ns_dtype, **options).step()
+                steps[method] = W.detach().clone()
+            assert torch.equal(steps[None], steps["gram"])  # Newton–Schulz takes the Gram space by default
+            if name == "square":  # not cheaper: the plain iteration, bit for bit
+                assert torch.equal(steps["standard"], steps["gram"])
+            else:
+                assert not torch.equal(steps["standard"], steps["gram"])
+                distance = (steps["gram"] - steps["standard"]).norm() / steps["standard"].norm()
+                assert distance < tolerance
     with pytest.raises(OptionError, match="ns_method"):
         Muon([torch.nn.Parameter(torch.zeros(4, 4))], ns_method="fast")

@@ -1,7 +1,9 @@
 """Spectral kernels shared by the matrix optimizers: pure functions of tensors, tested directly.
 
 - :func:`newton_schulz`: Muon's quintic Newton–Schulz orthogonalisation, batched over a leading dimension, with
-  one coefficient triple for every iteration (Keller Jordan's) or a schedule of triples (:func:`polar_express`).
+  one coefficient triple for every iteration (Keller Jordan's) or a schedule of triples (:func:`polar_express`);
+  :func:`newton_schulz_gram`: the same iteration on the small side's Gram matrix (fewer flops for wide matrices),
+  in bf16 in segments re-formed from X (:func:`gram_segments`).
 - :func:`polar_express`: per-iteration minimax coefficients (Amsel et al. 2025), derived here by a Remez exchange.
 - :func:`fast_matmul_dtype`: the precision in which this device multiplies matrices fastest (for ``"auto"``).
 - :func:`power_iteration_sigma`: the largest singular value by warm-started power iteration (ASA).
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -55,33 +58,63 @@ def newton_schulz(
     return _on_wide_unit_matrices(G, eps, dtype, iterate)
 
 
+# The most a run of Gram-space iterations may amplify the smallest singular values (the product of its a's, the
+# condition number of its Q) before X is re-formed, per precision. bf16 holds ~3 significant digits: Keller's three
+# iterations (a³ = 41) keep the rounding of the standard iteration, four (a⁴ = 141) diverge on real gradients
+# (tests/optim/test_newton_schulz.py). fp32 and wider: one run of any length.
+GRAM_GROWTH_LIMIT = {torch.bfloat16: 64.0, torch.float16: 64.0}
+
+
+def gram_segments(schedule: Sequence[Coefficients], dtype: torch.dtype,
+                  growth_limit: float | None = None) -> list[list[Coefficients]]:
+    """``schedule`` cut into runs whose product of |a| stays within ``growth_limit`` (default: the dtype's
+    :data:`GRAM_GROWTH_LIMIT`, unbounded for fp32 and wider); a run always holds at least one iteration."""
+    limit = GRAM_GROWTH_LIMIT.get(dtype, math.inf) if growth_limit is None else growth_limit
+    segments: list[list[Coefficients]] = [[]]
+    growth = 1.0
+    for triple in schedule:
+        if segments[-1] and growth * abs(triple[0]) > limit:
+            segments.append([])
+            growth = 1.0
+        segments[-1].append(triple)
+        growth *= abs(triple[0])
+    return segments
+
+
 def newton_schulz_gram(
     G: Tensor,
     steps: int = NS_STEPS,
     coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     eps: float = NS_EPS,
     dtype: torch.dtype = torch.float32,
+    growth_limit: float | None = None,
 ) -> Tensor:
     """:func:`newton_schulz`'s iteration carried on the small side's Gram matrix; G is (m, n) or (batch, m, n).
 
     With X₀ the normalised wide matrix (m <= n) and A₀ = X₀ X₀ᵀ (m x m), every iterate is X_k = Q_k X₀ with Q_k a
     polynomial in A₀, so everything commutes: P_k = a I + b A_k + c A_k², Q_{k+1} = P_k Q_k, A_{k+1} = P_k A_k P_k,
     and X₀ is touched twice (A₀ and the final Q X₀) instead of twice per iteration. About 4 m³ per iteration
-    against 2 m² n + m³: fewer flops when n >= 4 m or so (:func:`gram_is_cheaper`). Rounding accumulates in A
-    instead of being recomputed from X, so use it in fp32 or wider.
+    against 2 m² n + m³: fewer flops when n >= 2-4 m (:func:`gram_is_cheaper`).
+
+    Rounding accumulates in A instead of being recomputed from X, and Q's condition number grows with the
+    iterations' a's; in bf16 the iterations run in segments (:func:`gram_segments`): after each, X <- Q X and A is
+    re-formed from X (one restart for Keller's five steps: 3 + 2), which keeps bf16's error at the standard bf16
+    iteration's. ``growth_limit=math.inf`` runs one segment in any precision (it diverges in bf16).
     """
     schedule = coefficient_schedule(coefficients, steps)
 
     def iterate(X: Tensor) -> Tensor:
-        A = X @ X.mT
-        eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
-        Q = None
-        for i, (a, b, c) in enumerate(schedule):
-            P = _addmm(A, A, A, beta=b, alpha=c) + a * eye
-            Q = P if Q is None else P @ Q
-            if i < len(schedule) - 1:
-                A = P @ A @ P
-        return Q @ X
+        for segment in gram_segments(schedule, X.dtype, growth_limit):
+            A = X @ X.mT
+            Q = None
+            for i, (a, b, c) in enumerate(segment):
+                P = _addmm(A, A, A, beta=b, alpha=c)
+                P.diagonal(dim1=-2, dim2=-1).add_(a)
+                Q = P if Q is None else P @ Q
+                if i < len(segment) - 1:
+                    A = P @ A @ P
+            X = Q @ X
+        return X
 
     return _on_wide_unit_matrices(G, eps, dtype, iterate)
 
@@ -103,11 +136,12 @@ def _on_wide_unit_matrices(G: Tensor, eps: float, dtype: torch.dtype, iterate: C
     return X.mT if tall else X
 
 
-def gram_is_cheaper(shape: Sequence[int], steps: int = NS_STEPS) -> bool:
-    """Whether :func:`newton_schulz_gram` takes fewer multiply-adds than the plain iteration for this shape."""
+def gram_is_cheaper(shape: Sequence[int], steps: int = NS_STEPS, segments: Sequence[int] | None = None) -> bool:
+    """Whether :func:`newton_schulz_gram` takes fewer multiply-adds than the plain iteration for this shape, with
+    its iterations in ``segments`` (lengths; default one segment of ``steps``)."""
     m, n = sorted(shape[-2:])
     plain = steps * (2 * m * m * n + m**3)
-    gram = 2 * m * m * n + (4 * steps - 3) * m**3
+    gram = sum(2 * m * m * n + (4 * length - 3) * m**3 for length in (segments or [steps]))
     return gram < plain
 
 

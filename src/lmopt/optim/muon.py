@@ -24,15 +24,18 @@ more than 10x slower than in fp32; fp32 is also closer to the exact iteration, s
 al. 2025: a minimax quintic per iteration, :func:`lmopt.optim.kernels.polar_express`: singular values end
 closer to 1 for the same number of iterations), or a schedule of ``ns_steps`` triples.
 ``ns_method``: ``"gram"`` (lmopt's default) carries the iteration on the small side's Gram matrix
-(:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (a 4:1 MLP matrix:
-1.7-1.9x faster in fp32 on an AVX2 CPU), in fp32 or wider only; bf16 Newton–Schulz (torch's, and "auto" on a GPU or
-a bf16-native CPU) always takes the standard iteration, because rounding accumulates in a bf16 Gram matrix until
-it diverges (relative error 2.5e4 on real gradients: scripts/muon_cpu_probe.py). In fp32 it deviates from the
-exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients), against 2e-2 to 2e-1 for bf16, and its
-final loss on cpu-full's
-held-out seeds is equivalent to the standard iteration's (results/cpu-full/variants.md, muon-gram: Δ −0.0003
-[−0.0024, +0.0017]), the evidence on which it became the default. ``"standard"`` iterates on X for every shape
-(torch's algorithm; what the default was before).
+(:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (the 2:1 attention and
+4:1 MLP matrices; not square ones). In fp32 it is one run of iterations; in bf16 (torch's precision, and "auto" on a
+GPU or a bf16-native CPU) rounding accumulates in a bf16 Gram matrix until it diverges (relative error 2.5e4 on
+real gradients), so there the iterations run in segments of at most three (Keller's five: 3 + 2), X re-formed
+between them (:func:`lmopt.optim.kernels.gram_segments`): its distance to the exact iteration is then the standard
+bf16 iteration's (0.104 against 0.097 on nano's real gradients; tests/optim/test_newton_schulz.py). In fp32 it
+deviates from the exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients), and its final loss on
+cpu-full's held-out seeds is equivalent to the standard iteration's (results/cpu-full/variants.md, muon-gram: Δ
+−0.0003 [−0.0024, +0.0017]); the bf16 segments' row there is muon-gram-bf16. On one qwen3-134m layer's seven
+matrices on this project's 2-core AVX-512/AMX CPU it makes the bf16 step 1.26x faster than torch.optim.Muon's
+(scripts/muon_cpu_probe.py). ``"standard"`` iterates on X for every shape (torch's algorithm; what the default
+was before).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from lmopt.optim.kernels import (
     coefficient_schedule,
     fast_matmul_dtype,
     gram_is_cheaper,
+    gram_segments,
     newton_schulz,
     newton_schulz_gram,
     polar_express,
@@ -115,8 +119,8 @@ class Muon(MatrixOptimizer):
         ns_eps: the floor of the Frobenius norm by which the matrix is divided before the iterations.
         ns_dtype: the precision of Newton–Schulz: "auto" (bfloat16 on a GPU or a CPU with native bf16 matrix
             products, else float32), "bfloat16" (Keller's and torch's), "float32" or "float64".
-        ns_method: "gram" (the same iteration on the matrix's Gram matrix where that takes fewer flops and
-            Newton–Schulz runs in fp32 or wider, else the standard one) or "standard" (always iterate on the
+        ns_method: "gram" (the same iteration on the matrix's Gram matrix where that takes fewer flops, in
+            segments re-formed from the matrix in bf16; else the standard one) or "standard" (always iterate on the
             matrix, as torch does).
         adjust_lr: the matrices' lr factor for an m x n matrix: "match_rms_adamw" (Moonshot's 0.2 sqrt(max(m, n)),
             which gives the update a typical AdamW update's RMS, so AdamW's lr and weight decay carry over) or
@@ -167,10 +171,10 @@ class Muon(MatrixOptimizer):
 
         def ns(X: Tensor) -> Tensor:
             dtype = ns_dtype_for(group["ns_dtype"], X.device)
-            gram = (group.get("ns_method", "gram") == "gram" and dtype.itemsize >= 4
-                    and gram_is_cheaper(X.shape, group["ns_steps"]))
-            return (newton_schulz_gram if gram else newton_schulz)(
-                X, group["ns_steps"], ns_schedule(group["ns_coefficients"], group["ns_steps"]), group["ns_eps"], dtype)
+            schedule = ns_schedule(group["ns_coefficients"], group["ns_steps"])
+            segments = [len(s) for s in gram_segments(schedule, dtype)]
+            gram = group.get("ns_method", "gram") == "gram" and gram_is_cheaper(X.shape, len(schedule), segments)
+            return (newton_schulz_gram if gram else newton_schulz)(X, len(schedule), schedule, group["ns_eps"], dtype)
 
         if any(is_dtensor(u) for u in updates):
             return [out[0] for out in owner_map(updates, lambda _, U: [ns(U).to(U.dtype)], lambda _, U: [U.shape])]
