@@ -54,9 +54,15 @@ def test_targets_are_computed_from_the_file():
 def test_lamb_option_is_reported_beside_the_paper_timing_whose_verdict_counts():
     slow = RESULTS | {"lamb (compiled)": row(0.13, 1.6), "lamb (fused, trust from the previous step)": row(0.08, 1.0)}
     text = summary({"results": slow})
-    assert "lamb 1.60x; lamb with `trust_from=\"previous\"` (our option) 1.00x | no: lamb at the paper's timing " \
-           "(yes with the option) |" in text
+    assert "lamb 1.60x; lamb with `trust_from=\"previous\"` (our option) 1.00x | no: lamb at its defaults " \
+           "(yes with `trust_from=\"previous\"`) |" in text
     assert fastest_rows(slow)["lamb"] == "lamb (compiled)"  # the option is not LAMB's default
+    with_reuse = slow | {"lamb (fused, direction in the gradient)": row(0.09, 1.45)}
+    both = summary({"results": with_reuse})
+    assert ("lamb 1.60x; lamb with `reuse_grad=True` (the paper's timing) (our option) 1.45x; lamb with "
+            "`trust_from=\"previous\"` (our option) 1.00x | no: lamb at its defaults (yes with `reuse_grad=True` or "
+            "`trust_from=\"previous\"`) |") in both
+    assert fastest_rows(with_reuse)["lamb"] == "lamb (compiled)"
 
 
 def test_the_readme_quotes_the_committed_step_results():

@@ -150,6 +150,40 @@ def test_multi_tensor_steps_match_the_eager_update_tensor_by_tensor(name, option
     assert all(not torch.equal(r[0], w) for r, w in zip(results[1], start, strict=True))
 
 
+def test_lamb_reuse_grad_is_the_same_step_with_the_direction_left_in_the_gradient():
+    """``reuse_grad``: the same parameters and moments, bit for bit, over several steps and two groups (one with
+    ``trust_from="previous"``, which keeps its gradient); afterwards a reused ``p.grad`` holds m̂ / (√v̂ + ε);
+    without the option, and in other impls, the gradient is left as it was."""
+    from lmopt.optim.elementwise import adam_direction, bias_corrections
+    from lmopt.optim.lamb import LAMB
+
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(shape, generator=gen) for shape in [(700, 33), (5001,), (40, 9)]]
+    grads = [[3**i * torch.randn(w.shape, generator=gen) for w in start] for i in range(3)]
+    runs = {}
+    for impl, reuse in (("fused", False), ("fused", True), ("for-loop", True)):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        groups = [{"params": params[:2]}, {"params": params[2:], "trust_from": "previous"}]
+        opt = LAMB(groups, lr=0.05, weight_decay=0.1, reuse_grad=reuse, impl=impl)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs[impl, reuse] = (params, opt)
+    (kept, kept_opt), (reused, reused_opt) = runs["fused", False], runs["fused", True]
+    for a, b in zip(kept, reused, strict=True):
+        assert torch.equal(a, b)
+        assert all(torch.equal(kept_opt.state[a][k], reused_opt.state[b][k]) for k in ("exp_avg", "exp_avg_sq"))
+    last = grads[-1]
+    assert torch.equal(kept[0].grad, last[0]) and torch.equal(runs["for-loop", True][0][0].grad, last[0])
+    assert torch.equal(reused[2].grad, last[2])  # trust_from="previous": one pass, nothing stored
+    state = reused_opt.state[reused[0]]
+    bias1, bias2 = bias_corrections((0.9, 0.999), state["step"])
+    direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], bias1, bias2, 1e-6)
+    assert not torch.equal(reused[0].grad, last[0])
+    torch.testing.assert_close(reused[0].grad, direction, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("gamma_from", ["current", "previous"])
 @pytest.mark.parametrize("stability", ["cosine", "variance"])
 def test_msam_passes_match_its_eager_update(stability, gamma_from):
@@ -296,7 +330,7 @@ def test_multi_tensor_steps_check_every_tensor_before_stepping_any():
     settings = torch.tensor([[1e-3, 0.9, 0.999, 0.1, 0.001, 1e-6, 0.01, 10.0]] * 2, dtype=torch.float64)
     moments = [[torch.zeros(4), torch.zeros(3)] for _ in range(2)]
     with pytest.raises(RuntimeError, match="of its parameter's dtype and size"):  # the second gradient is fp64
-        kernels.lamb_steps_(p, [torch.ones(4), torch.ones(3).double()], *moments, [], settings)
+        kernels.lamb_steps_(p, [torch.ones(4), torch.ones(3).double()], *moments, [], settings, False)
     assert torch.equal(p[0], before)
     with pytest.raises(RuntimeError, match="tensors x 7"):
         kernels.stable_adamw_steps_(p, [torch.ones(4), torch.ones(3)], *moments, settings)

@@ -149,7 +149,8 @@ OPTION_CASES = {"ortho-adam-kronecker": ("ortho-adam", functools.partial(ortho_a
                 "lamb-trust-previous": ("lamb", functools.partial(reference.lamb, trust_from="previous"),
                                         {"trust_from": "previous"}),
                 "lamb-trust-previous-fused": ("lamb", functools.partial(reference.lamb, trust_from="previous"),
-                                              {"trust_from": "previous", "impl": "fused"})}
+                                              {"trust_from": "previous", "impl": "fused"}),
+                "lamb-reuse-grad-fused": ("lamb", reference.lamb, {"reuse_grad": True, "impl": "fused"})}
 
 
 def test_every_optimizer_has_a_reference():
@@ -176,7 +177,7 @@ def test_every_role_matches_the_reference_over_several_steps(name, impl):
     named = dict(model.named_parameters())
     for step_grads in grads:
         for n, p in named.items():
-            p.grad = torch.from_numpy(step_grads[n])
+            p.grad = torch.from_numpy(step_grads[n].copy())  # a copy: reuse_grad writes over the gradient
         opt.step()
     if name == "ortho-adam":
         names = {id(p): n for n, p in named.items()}

@@ -49,6 +49,7 @@ CPU = torch.device("cpu")
 
 
 LAMB_PREVIOUS = "lamb (fused, trust from the previous step)"  # LAMB's one-pass option
+LAMB_REUSE = "lamb (fused, direction in the gradient)"  # the paper's timing with reuse_grad=True
 SPECTRA_HOUSEHOLDER = "spectra (householder qr)"  # a GPU row: the stacked step's QR before CholeskyQR3
 
 
@@ -77,6 +78,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
     out[LAMB_PREVIOUS] = ("lamb", {"impl": "fused", "trust_from": "previous"})
+    out[LAMB_REUSE] = ("lamb", {"impl": "fused", "reuse_grad": True})
     out["stable-adamw (fused)"] = ("stable-adamw", {"impl": "fused"})
     out["msam (fused)"] = ("msam", {"impl": "fused"})
     out["msam (fused, γ from this step)"] = ("msam", {"impl": "fused", "gamma_from": "current"})

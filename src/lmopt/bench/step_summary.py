@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmopt.bench.step import LAMB_PREVIOUS, SPECTRA_MATRICES
+from lmopt.bench.step import LAMB_PREVIOUS, LAMB_REUSE, SPECTRA_MATRICES
 from lmopt.registry import OPTIMIZERS
 
 BASELINE = "adamw (fused)"
@@ -101,11 +101,14 @@ def targets_table(data: dict) -> str:
     lines = ["| target (issues 8 and 19) | measured | met? |", "|---|---|---|"]
     per_tensor = [(name, results[fastest[name]]["time_vs_fused_adamw"]) for name in PER_TENSOR if name in fastest]
     missed = [name for name, ratio in per_tensor if ratio > LIMIT]
-    option = results.get(LAMB_PREVIOUS, {}).get("time_vs_fused_adamw")
-    option_text = f"; lamb with `trust_from=\"previous\"` (our option) {option:.2f}x" if option else ""
+    options = {label: results[row]["time_vs_fused_adamw"] for label, row in
+               (("`reuse_grad=True` (the paper's timing)", LAMB_REUSE), ("`trust_from=\"previous\"`", LAMB_PREVIOUS))
+               if row in results}
+    option_text = "".join(f"; lamb with {label} (our option) {ratio:.2f}x" for label, ratio in options.items())
     verdict = "all" if not missed else "no: " + ", ".join(missed)
-    if missed == ["lamb"] and option and option <= LIMIT:
-        verdict += " at the paper's timing (yes with the option)"
+    met_by = [label.split(" (")[0] for label, ratio in options.items() if ratio <= LIMIT]
+    if missed == ["lamb"] and met_by:
+        verdict += f" at its defaults (yes with {' or '.join(met_by)})"
     lines.append("| per-tensor optimizers ≤ 1.5x fused AdamW | "
                  + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in sorted(per_tensor, key=lambda x: x[1]))
                  + f"{option_text} | {verdict} |")

@@ -179,8 +179,10 @@ void factored_update(T* p, const T* g, int64_t m, int64_t n, const double* row_f
 // one read of g, m, v, w; one write of m, v). kApply (trust_from="previous"): the same pass also writes
 // w <- w decay - step m_hat / (sqrt(v_hat) + eps) with the previous step's trust ratio in `step`, so the sums are
 // for the next step's ratio (fused AdamW's streams); without it, the paper's pass 1, before lamb_apply.
-template <typename T, bool kApply>
-void lamb_pass(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1, double bias2,
+// kStore (the paper's pass 1 only): the direction m_hat / (sqrt(v_hat) + eps) is also written over g, in place of
+// the gradient just read (one write, no extra read), so pass 2 (lamb_apply_direction) reads it and w, not m, v, w.
+template <typename T, bool kApply, bool kStore = false>
+void lamb_pass(T* p, T* g, T* m, T* v, int64_t n, double beta1, double beta2, double bias1, double bias2,
                double eps, double wd, double decay, double step, double* out) {
   const T b2 = static_cast<T>(beta2), ib1 = static_cast<T>(1.0 / bias1);
   const T a1 = static_cast<T>(1.0 - beta1), a2 = static_cast<T>(1.0 - beta2);  // exact weights: 1 - 0.999f is not 0.001
@@ -204,6 +206,7 @@ void lamb_pass(T* p, const T* g, T* m, T* v, int64_t n, double beta1, double bet
       rs += r * r;
       ps += pj * pj;
       if constexpr (kApply) p[j] = pj * d - s * direction;
+      if constexpr (kStore) g[j] = direction;
     }
     r_sq += rs;
     p_sq += ps;
@@ -245,7 +248,16 @@ void lamb_apply(T* p, const T* m, const T* v, int64_t n, double bias1, double bi
   const T ib1 = static_cast<T>(1.0 / bias1), ib2 = static_cast<T>(1.0 / bias2), e = static_cast<T>(eps);
   const T d = static_cast<T>(decay), s = static_cast<T>(step);
 #pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
-  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * d - s * (m[j] * ib1) / (std::sqrt(v[j] * ib2) + e);
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * d - s * ((m[j] * ib1) / (std::sqrt(v[j] * ib2) + e));
+}
+
+// LAMB, pass 2 from the direction lamb_pass<T, false, true> stored: w <- w (1 - step wd) - step direction (one
+// read of direction and w; one write of w), the same values as lamb_apply from m and v.
+template <typename T>
+void lamb_apply_direction(T* p, const T* direction, int64_t n, double decay, double step) {
+  const T d = static_cast<T>(decay), s = static_cast<T>(step);
+#pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * d - s * direction[j];
 }
 
 // The multi-tensor steps' check of each parameter's companions: contiguous CPU tensors of its dtype, each with as
@@ -291,16 +303,18 @@ T lamb_trust(T w_sq, T r_sq, double max_trust) {
 // with the trust ratio between them, or, where `previous` holds the previous step's [||w||^2, ||r||^2] (one (2,)
 // tensor per parameter, trust_from="previous"), one pass stepping by the previous ratio; `previous` then
 // receives this step's norms. `settings`: one float64 row per tensor: lr, beta1, beta2, 1 - beta1^t,
-// 1 - beta2^t, eps, weight_decay, max_trust.
+// 1 - beta2^t, eps, weight_decay, max_trust. `direction_in_grad` (the paper's timing only): pass 1 leaves the
+// direction m_hat / (sqrt(v_hat) + eps) in g and pass 2 reads it instead of m and v (g's values are then lost).
 void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
-                 std::vector<torch::Tensor> v, std::vector<torch::Tensor> previous, torch::Tensor settings) {
+                 std::vector<torch::Tensor> v, std::vector<torch::Tensor> previous, torch::Tensor settings,
+                 bool direction_in_grad) {
   const double* rows = checked_settings("lamb_steps_", p, g, m, v, previous, settings, 8);
   for (size_t i = 0; i < p.size(); ++i) {
     const double* s = rows + 8 * i;
     const double lr = s[0], beta1 = s[1], beta2 = s[2], bias1 = s[3], bias2 = s[4], eps = s[5], wd = s[6];
     AT_DISPATCH_FLOATING_TYPES(p[i].scalar_type(), "lamb_steps", [&] {
       scalar_t* w = p[i].data_ptr<scalar_t>();
-      const scalar_t* grad = g[i].data_ptr<scalar_t>();
+      scalar_t* grad = g[i].data_ptr<scalar_t>();
       scalar_t *mi = m[i].data_ptr<scalar_t>(), *vi = v[i].data_ptr<scalar_t>();
       scalar_t* norms = previous.empty() ? nullptr : previous[i].data_ptr<scalar_t>();
       const int64_t n = p[i].numel();
@@ -308,6 +322,10 @@ void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std
       if (norms != nullptr && norms[1] > 0) {
         const double step = lr * static_cast<double>(lamb_trust<scalar_t>(norms[0], norms[1], s[7]));
         lamb_pass<scalar_t, true>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1 - step * wd, step, sums);
+      } else if (direction_in_grad) {
+        lamb_pass<scalar_t, false, true>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0, sums);
+        const double step = lr * lamb_trust<double>(sums[1], sums[0], s[7]);
+        lamb_apply_direction<scalar_t>(w, grad, n, 1 - step * wd, step);
       } else {
         lamb_pass<scalar_t, false>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0, sums);
         const double step = lr * lamb_trust<double>(sums[1], sums[0], s[7]);
@@ -946,7 +964,7 @@ _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl",
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_steps_",
               "stable_adamw_steps_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
               "spectra_apply_", "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v26"
+_NAME = "lmopt_cpu_kernels_v27"
 _failure: list[str] = []
 
 
