@@ -36,6 +36,9 @@ PYTHONPATH="${MSAM_VARIANT_SRC:-$here}" .venv/bin/python -m lmopt.cli bench vari
 variant cpu-full muon --name muon-ns-fp32 --set optim.ns_dtype=float32
 variant cpu-full muon --name muon-gram --set optim.ns_dtype=float32 optim.ns_method=gram
 variant cpu-full muon --name muon-polar-express --set optim.ns_dtype=float32 optim.ns_coefficients=polar-express
+variant cpu-full muon --name muon-gram-bf16 --set optim.ns_dtype=bfloat16
+variant cpu-full muon --name muon-polar-express-4-bf16 --set optim.ns_dtype=bfloat16 optim.ns_coefficients=polar-express \
+    optim.ns_steps=4
 variant cpu-full ortho-adam --name ortho-adam-kronecker --set optim.rotation=kronecker
 # issue 19: MSAM's one-pass option needs more seeds to show equivalence (or not): 5 more, paired
 variant cpu-full msam --name msam-gamma-previous --set optim.gamma_from=previous --extra-seeds 5 6 7 8 9
