@@ -343,6 +343,16 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     assert "on the same matrices, in the same set:" in text
 
 
+def test_a_step_row_that_does_not_exist_here_fails_before_any_timing():
+    from lmopt.bench.step import run_step_benchmark
+
+    logged = []
+    with pytest.raises(ValueError, match=r"No step row named 'muon \(gram\)', 'spectra \(householder qr\)' on cpu"):
+        run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, log=logged.append,
+                           only=["muon", "muon (gram)", "spectra (householder qr)"])  # misspelt; a GPU's row
+    assert not logged  # nothing was timed
+
+
 def test_rows_compared_with_each_other_share_one_interleaved_set():
     """The optimizers timed on the same matrices (torch's and lmopt's Muon, Spectra) in one set, Spectra beside
     its Householder-QR row (a GPU's), everything else alone with the baseline."""

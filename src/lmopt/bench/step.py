@@ -264,6 +264,10 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     candidates = _step_candidates(model, compiled, muon_layers)
+    unknown = [name for name in only or [] if name not in candidates]
+    if unknown:  # before any timing: a misspelt row would otherwise be silently missing from the table
+        raise ValueError(f"No step row named {', '.join(map(repr, unknown))} on {dev.type} (compiled rows need "
+                         f"compilation on); the rows here: {', '.join(candidates)}")
     baseline = _warm(BASELINE, candidates.pop(BASELINE), warmup, log, dev)
     candidates = {k: v for k, v in candidates.items() if not only or k in only}
     n_params = sum(p.numel() for p in model.parameters())
