@@ -27,7 +27,8 @@ project's CPU it took LAMB's step from 1.68x to 1.40x fused AdamW's on qwen3-134
 1.36x on its other tensors (results/step/lamb-cpu-probe.md). The step is the same, bit for bit (tested); the price
 is that ``p.grad`` holds the direction
 after the step, not the gradient (a torch optimizer leaves gradients as they were, hence off by default; a training
-loop that zeroes or discards gradients after the step loses nothing).
+loop that zeroes or discards gradients after the step loses nothing: ``lmopt train`` sets them to None right after
+it, so ``optim.reuse_grad=true`` is safe there).
 """
 
 from __future__ import annotations
