@@ -42,7 +42,7 @@ stage() {
 stage env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name())'; $PY -m pip list 2>/dev/null | grep -iE '^(torch|tokenizers|safetensors|rich|scipy|numpy|matplotlib) '"
 
-ROWS=("adamw (foreach)" muon "muon (standard Newton–Schulz)" lamb "lamb (foreach)" adafactor stable-adamw "stable-adamw (foreach)"
+ROWS=("adamw (foreach)" muon "muon (gram)" "muon (standard Newton–Schulz)" lamb "lamb (foreach)" adafactor stable-adamw "stable-adamw (foreach)"
       ortho-adam "ortho-adam (kronecker)" asm asa "asa (foreach)" msam "msam (foreach)" amcs "amcs (foreach)" spectra
       "spectra (householder qr)" "spectra (refresh every 10)" "spectra (refresh after the step)" "spectra (for-loop)"
       "torch.optim.Muon (matrices only)" "lmopt muon (matrices only)" "spectra (matrices only)")

@@ -180,9 +180,27 @@ def test_gram_segments_bound_the_growth_of_each_run_in_bf16_only():
     assert sum(map(len, gram_segments(polar_express(5), torch.bfloat16))) == 5
 
 
+@pytest.mark.parametrize("growth_limit", [1.0, 41.0, 64.0, math.inf])
+def test_the_gram_space_iteration_in_segments_is_the_same_iteration(real_gradients, growth_limit):
+    """Any segmentation is the plain iteration exactly (float64), batched as matrix by matrix; in bf16 a batch gives
+    its matrices' results up to bf16 rounding (the GPU path stacks same-shape matrices)."""
+    for G in real_gradients[:6]:
+        plain = newton_schulz(G, dtype=torch.float64)
+        segmented = newton_schulz_gram(G, dtype=torch.float64, growth_limit=growth_limit)
+        assert ((segmented - plain).norm() / plain.norm()).item() < 1e-10
+    batch = torch.stack([real_gradients[0], real_gradients[0].flip(0)]).float()
+    together = newton_schulz_gram(batch, dtype=torch.bfloat16, growth_limit=growth_limit).double()
+    for i in range(2):
+        alone = newton_schulz_gram(batch[i], dtype=torch.bfloat16, growth_limit=growth_limit).double()
+        if growth_limit <= 64:
+            assert ((together[i] - alone).norm() / alone.norm()).item() < 0.05
+    with pytest.raises(ValueError, match="add up"):
+        gram_is_cheaper((512, 2048), 5, [3, 3])
+
+
 @pytest.mark.parametrize("coefficients", [NS_COEFFICIENTS, polar_express(5)], ids=["keller", "polar-express"])
 def test_the_bf16_gram_space_iteration_keeps_the_bf16_iterations_accuracy(real_gradients, coefficients):
-    """Equal results for lmopt's bf16 default: restarted every three iterations, the Gram-space iteration in bf16 is
+    """Equal results for lmopt's bf16 default: in segments (Keller's five: 3 + 2), the Gram-space iteration in bf16 is
     as far from the exact (float64) iteration as torch's bf16 iteration is, and as close to U Vᵀ. Measured on these
     gradients (Keller's / Polar Express): mean distance to the exact iteration 0.104 / 0.148 against 0.097 / 0.129
     for the standard bf16 iteration, at most 0.04 / 0.05 more on any matrix; to U Vᵀ at most 0.006 / 0.011 more.
@@ -204,6 +222,16 @@ def test_the_bf16_gram_space_iteration_keeps_the_bf16_iterations_accuracy(real_g
     assert np.all(gram <= standard + 0.08)
     assert np.all(np.array(to_polar["gram"]) <= np.array(to_polar["standard"]) + 0.02)
     assert max(to_exact["one segment"]) > 1.0
+
+
+def test_muon_auto_takes_the_gram_space_except_half_precision_on_a_gpu():
+    from lmopt.optim.muon import uses_gram
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert uses_gram("auto", torch.bfloat16, cpu) and uses_gram("auto", torch.float32, gpu)
+    assert not uses_gram("auto", torch.bfloat16, gpu) and uses_gram("gram", torch.bfloat16, gpu)
+    assert not uses_gram("standard", torch.float32, cpu)
+    assert Muon([torch.nn.Parameter(torch.zeros(4, 4))]).defaults["ns_method"] == "auto"
 
 
 def test_muon_takes_the_gram_space_by_default_where_it_is_cheaper():

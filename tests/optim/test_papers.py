@@ -59,11 +59,14 @@ def test_asm_overrides_touch_only_attention_q_and_k():
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_equals_torch_muon_step_for_step(adjust, nesterov):
-    """lmopt's batched Muon against torch.optim.Muon on the same (bf16 Newton-Schulz) settings."""
+    """lmopt's batched Muon against torch.optim.Muon on the same settings: bf16 Newton–Schulz, torch's (standard)
+    iteration (lmopt's default takes the Gram space for these 2:1 matrices: the same iteration, other bf16
+    rounding; tests/optim/test_newton_schulz.py)."""
     a, b = toy_model(), toy_model()
     mats_a = [p for p in a.parameters() if p.dim() == 2 and p is not a.embed_tokens.weight]
     mats_b = [p for p in b.parameters() if p.dim() == 2 and p is not b.embed_tokens.weight]
-    ours = Muon(mats_a, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr=adjust, ns_dtype="bfloat16")
+    ours = Muon(mats_a, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr=adjust, ns_dtype="bfloat16",
+                 ns_method="standard")
     theirs = torch.optim.Muon(mats_b, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust)
     for step in range(5):
         for model, opt in ((a, ours), (b, theirs)):

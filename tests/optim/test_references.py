@@ -295,15 +295,17 @@ def test_spectra_refreshing_after_the_step_shapes_with_the_cached_basis(shape, i
 
 # Measured on these matrices: five quintic steps give singular values in [0.68, 1.14] (the iteration's band, by
 # design: it does not converge to 1), so ||O - U Vᵀ||_F / ||U Vᵀ||_F is 0.16-0.21 in fp32 and in bf16 alike; the
-# singular vectors are U's and V's to 1e-6 in fp32 (largest off-diagonal of Uᵀ O V) and 1e-2 in bf16.
-NS_DIRECTION_TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
+# singular vectors are U's and V's to 1e-6 in fp32 (largest off-diagonal of Uᵀ O V), 1.1e-2 in bf16 with torch's
+# iteration and 3.1e-2 with lmopt's default, bf16 Gram-space segments (these 1.6:1 matrices take them; ||O - U Vᵀ||
+# 0.22-0.23 against 0.21-0.23).
+NS_DIRECTION_TOLERANCE = {("float32", "auto"): 1e-5, ("bfloat16", "standard"): 2e-2, ("bfloat16", "auto"): 4e-2}
 
 
-@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("ns_dtype", "ns_method"), list(NS_DIRECTION_TOLERANCE))
 @pytest.mark.parametrize("shape", [(64, 40), (40, 64)], ids=["tall", "wide"])
-def test_muon_update_is_the_polar_factor_of_its_nesterov_momentum(shape, ns_dtype):
+def test_muon_update_is_the_polar_factor_of_its_nesterov_momentum(shape, ns_dtype, ns_method):
     W = nn.Parameter(torch.zeros(shape))
-    opt = Muon([{"params": [W], "matrix": True}], lr=LR, weight_decay=0.0, ns_dtype=ns_dtype)
+    opt = Muon([{"params": [W], "matrix": True}], lr=LR, weight_decay=0.0, ns_dtype=ns_dtype, ns_method=ns_method)
     gen = np.random.default_rng(5)
     buf = np.zeros(shape)
     for _ in range(3):
@@ -320,7 +322,7 @@ def test_muon_update_is_the_polar_factor_of_its_nesterov_momentum(shape, ns_dtyp
         core = U.mT @ O @ Vh.mT  # diagonal when O has the polar factor's singular vectors
         singular = torch.diagonal(core)
         assert singular.min() > 0.6 and singular.max() < 1.2
-        assert (core - torch.diag(singular)).abs().max() < NS_DIRECTION_TOLERANCE[ns_dtype]
+        assert (core - torch.diag(singular)).abs().max() < NS_DIRECTION_TOLERANCE[ns_dtype, ns_method]
         expected = reference.newton_schulz5(nesterov)
         np.testing.assert_allclose(O.numpy(), expected, rtol=0, atol=2e-5 if ns_dtype == "float32" else 3e-2)
 

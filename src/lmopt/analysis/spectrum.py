@@ -78,7 +78,8 @@ def relative_variance(micro_grads: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ns_alignment(G: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """|cos(u_k, NS(G) v_k)| for k = 1..r over G's singular pairs, with NS in ``dtype`` (bf16, as Muon)."""
+    """|cos(u_k, NS(G) v_k)| for k = 1..r over G's singular pairs, with NS in ``dtype`` (bf16, as torch's Muon;
+    torch's standard iteration)."""
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     mapped = newton_schulz(G.to(dtype if dtype == torch.float64 else torch.float32), dtype=dtype).double() @ Vh.mT
     return (U * mapped).sum(0).abs() / mapped.norm(dim=0).clamp(min=1e-300)

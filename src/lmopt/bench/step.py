@@ -51,6 +51,7 @@ CPU = torch.device("cpu")
 LAMB_PREVIOUS = "lamb (fused, trust from the previous step)"  # LAMB's one-pass option
 LAMB_REUSE = "lamb (fused, direction in the gradient)"  # the paper's timing with reuse_grad=True
 SPECTRA_HOUSEHOLDER = "spectra (householder qr)"  # a GPU row: the stacked step's QR before CholeskyQR3
+MUON_GRAM = "muon (gram)"  # a GPU row: the bf16 Gram segments, which "auto" does not take there yet
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -109,6 +110,7 @@ def _step_candidates(model: torch.nn.Module, compiled: bool,
     out["muon (standard Newton–Schulz)"] = lambda: build("muon", model, ns_method="standard")
     if next(model.parameters()).is_cuda:  # the stacked step's QR runs on a GPU only
         out[SPECTRA_HOUSEHOLDER] = lambda: householder_refresh(build("spectra", model, total_steps=1000))
+        out[MUON_GRAM] = lambda: build("muon", model, ns_method="gram")  # bf16 Gram segments ("auto": standard)
     else:  # the C++ kernels are the CPU's
         out[SPECTRA_MATRICES[1]] = lambda: Spectra(matrices, impl="fused")
     return out
@@ -263,6 +265,8 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     model.to(dev)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
+    # every set starts from these gradients: a row may write over them (LAMB's reuse_grad)
+    gradients = [p.grad.clone() for p in model.parameters()]
     candidates = _step_candidates(model, compiled, muon_layers)
     unknown = [name for name in only or [] if name not in candidates]
     if unknown:  # before any timing: a misspelt row would otherwise be silently missing from the table
@@ -290,6 +294,8 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
             if name in (profile or []):
                 profiles[name] = profile_table(opt.step, device=dev)
         del optimizers
+        for p, g in zip(model.parameters(), gradients, strict=True):
+            p.grad.copy_(g)
     rows[BASELINE] = {"step_seconds": statistics.median(base_times), "time_vs_fused_adamw": 1.0,
                       "state_bytes": base_state, "state_bytes_per_param": base_state / n_params, "state_vs_adamw": 1.0}
     if BASELINE in (profile or []):

@@ -139,6 +139,8 @@ def _on_wide_unit_matrices(G: Tensor, eps: float, dtype: torch.dtype, iterate: C
 def gram_is_cheaper(shape: Sequence[int], steps: int = NS_STEPS, segments: Sequence[int] | None = None) -> bool:
     """Whether :func:`newton_schulz_gram` takes fewer multiply-adds than the plain iteration for this shape, with
     its iterations in ``segments`` (lengths; default one segment of ``steps``)."""
+    if segments is not None and sum(segments) != steps:
+        raise ValueError(f"segments {list(segments)} do not add up to {steps} steps")
     m, n = sorted(shape[-2:])
     plain = steps * (2 * m * m * n + m**3)
     gram = sum(2 * m * m * n + (4 * length - 3) * m**3 for length in (segments or [steps]))

@@ -22,13 +22,16 @@ it changes the loss is measured by ``lmopt bench variant`` (results/cpu-full/var
 
 ``reuse_grad`` (our option, off by default; the fused step only): at the paper's timing, pass 1 writes the
 direction m̂ / (√v̂ + ε) over the gradient it has just read, and pass 2 reads that and w instead of m, v and w: 6
-full-size reads and 4 writes instead of 7 and 3 (a write over a line just read costs less than a read). On this
-project's CPU it took LAMB's step from 1.68x to 1.40x fused AdamW's on qwen3-134m's embedding and from 1.51x to
-1.36x on its other tensors (results/step/lamb-cpu-probe.md). The step is the same, bit for bit (tested); the price
-is that ``p.grad`` holds the direction
-after the step, not the gradient (a torch optimizer leaves gradients as they were, hence off by default; a training
-loop that zeroes or discards gradients after the step loses nothing: ``lmopt train`` sets them to None right after
-it, so ``optim.reuse_grad=true`` is safe there).
+full-size reads and 4 writes instead of 7 and 3, and pass 2 no longer recomputes the square root and division. On
+this project's CPU it took LAMB's step from 1.68x to 1.40x fused AdamW's on qwen3-134m's embedding and from 1.51x
+to 1.36x on its other tensors (results/step/lamb-cpu-probe.md), more than the one read it saves would explain by
+the probe's read/write costs; where the rest comes from (the recomputation, or a write to a line just read costing
+less than the probe's pure passes) was not separated. The step is the same, bit for bit (tested). The price:
+``p.grad`` holds the direction after the step, not the gradient, for every fp32/fp64 contiguous CPU tensor the
+fused kernel takes (others are left as they were); a gradient tensor shared by two parameters, or memory it
+aliases outside torch, would be overwritten as well. A torch optimizer leaves gradients as they were, hence off by
+default; a training loop that zeroes or discards gradients after the step loses nothing: ``lmopt train`` sets them
+to None right after it, so ``optim.reuse_grad=true`` is safe there.
 """
 
 from __future__ import annotations
@@ -87,9 +90,9 @@ class LAMB(AdamFamily):
         max_trust: the cap on ||w|| in the trust ratio's numerator (> 0; the NVIDIA/apex clip).
         trust_from: "current" (this step's norms, as the paper) or "previous" (the previous step's trust ratio;
             the fused step is then one pass; see the module docstring).
-        reuse_grad: let the fused step (at the paper's timing) keep its direction in ``p.grad``'s buffer, two
-            fewer full-size reads; ``p.grad`` then no longer holds the gradient after the step (see the module
-            docstring). Other impls leave the gradient as it was.
+        reuse_grad: let the fused step (at the paper's timing) keep its direction in ``p.grad``'s buffer (one
+            full-size read fewer, no recomputation in the second pass); ``p.grad`` then no longer holds the gradient
+            after the step (see the module docstring). Other impls leave the gradient as it was.
         impl: "for-loop" (tensor by tensor), "compiled" (the whole step as one ``torch.compile``'d function; where
             compilation is unavailable it warns once and runs "for-loop") or "fused" (two C++ passes per fp32/fp64
             CPU tensor: the moments with both norms, then the step, or one pass with ``trust_from="previous"``;

@@ -1,6 +1,7 @@
 """Muon: momentum orthogonalised by Newton–Schulz (Keller Jordan et al. 2024,
 https://kellerjordan.github.io/posts/muon/; Liu et al. 2025, "Muon is Scalable for LLM Training",
-arXiv:2502.16982). The same algorithm as ``torch.optim.Muon`` (tested step for step), plus what lmopt needs:
+arXiv:2502.16982). The same algorithm as ``torch.optim.Muon`` (with ``ns_method="standard"``, tested step for
+step), plus what lmopt needs:
 Newton–Schulz batched over same-shape matrices on a GPU (one ``baddbmm`` chain per shape instead of one per
 matrix; on a CPU matrix by matrix, where a bf16 batch multiplies slower than its matrices one by one), a choice
 of its precision, and AdamW for the parameters Muon does not own, in the same optimizer.
@@ -23,19 +24,21 @@ more than 10x slower than in fp32; fp32 is also closer to the exact iteration, s
 ``ns_coefficients``: Keller Jordan's triple for every iteration (default, as torch), ``"polar-express"`` (Amsel et
 al. 2025: a minimax quintic per iteration, :func:`lmopt.optim.kernels.polar_express`: singular values end
 closer to 1 for the same number of iterations), or a schedule of ``ns_steps`` triples.
-``ns_method``: ``"gram"`` (lmopt's default) carries the iteration on the small side's Gram matrix
+``ns_method``: ``"gram"`` carries the iteration on the small side's Gram matrix
 (:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (the 2:1 attention and
 4:1 MLP matrices; not square ones). In fp32 it is one run of iterations; in bf16 (torch's precision, and "auto" on a
 GPU or a bf16-native CPU) rounding accumulates in a bf16 Gram matrix until it diverges (relative error 2.5e4 on
-real gradients), so there the iterations run in segments of at most three (Keller's five: 3 + 2), X re-formed
-between them (:func:`lmopt.optim.kernels.gram_segments`): its distance to the exact iteration is then the standard
-bf16 iteration's (0.104 against 0.097 on nano's real gradients; tests/optim/test_newton_schulz.py). In fp32 it
-deviates from the exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients), and its final loss on
-cpu-full's held-out seeds is equivalent to the standard iteration's (results/cpu-full/variants.md, muon-gram: Δ
-−0.0003 [−0.0024, +0.0017]); the bf16 segments' row there is muon-gram-bf16. On one qwen3-134m layer's seven
-matrices on this project's 2-core AVX-512/AMX CPU it makes the bf16 step 1.26x faster than torch.optim.Muon's
-(scripts/muon_cpu_probe.py). ``"standard"`` iterates on X for every shape (torch's algorithm; what the default
-was before).
+real gradients), so there the iterations run in segments whose product of a's stays within 64 (Keller's five:
+3 + 2), X re-formed between them (:func:`lmopt.optim.kernels.gram_segments`): its distance to the exact iteration is
+then the standard bf16 iteration's (0.104 against 0.097 on nano's real gradients; tests/optim/test_newton_schulz.py).
+In fp32 it deviates from the exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients). Final loss on
+cpu-full's held-out seeds: equivalent to the standard iteration's in fp32 (results/cpu-full/variants.md, muon-gram:
+Δ −0.0003 [−0.0024, +0.0017]) and in bf16 (muon-gram-bf16: Δ +0.0023 [−0.0032, +0.0078]). On one qwen3-134m layer's
+seven matrices on this project's 2-core AVX-512/AMX CPU the bf16 segments made the step 1.19x faster than
+torch.optim.Muon's (results/step/muon-cpu-probe.md). ``"standard"`` iterates on X for every shape (torch's
+algorithm). ``"auto"`` (lmopt's default): ``"gram"``, except bf16 or fp16 Newton–Schulz on a GPU, which keeps the
+standard iteration until the segments are timed there (a GPU's small products wait on launches, and the segments
+launch more of them; the GPU step table's ``muon (gram)`` row is that measurement).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from lmopt.optim.spec import OptionError, register_class
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 NAMED_COEFFICIENTS = ("polar-express",)
-NS_METHODS = ("standard", "gram")
+NS_METHODS = ("auto", "gram", "standard")
 
 
 def ns_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
@@ -83,6 +86,13 @@ def ns_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
 
 def ns_dtype_for(name: str, device: torch.device) -> torch.dtype:
     return NS_DTYPES[name] or fast_matmul_dtype(device)
+
+
+def uses_gram(method: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``ns_method`` takes the Gram-space iteration (where cheaper) for Newton–Schulz in ``dtype`` there."""
+    if method == "auto":
+        return dtype.itemsize >= 4 or device.type != "cuda"
+    return method == "gram"
 
 
 def adjusted_lr(lr: float, shape: tuple[int, ...], adjust: str) -> float:
@@ -120,8 +130,8 @@ class Muon(MatrixOptimizer):
         ns_dtype: the precision of Newton–Schulz: "auto" (bfloat16 on a GPU or a CPU with native bf16 matrix
             products, else float32), "bfloat16" (Keller's and torch's), "float32" or "float64".
         ns_method: "gram" (the same iteration on the matrix's Gram matrix where that takes fewer flops, in
-            segments re-formed from the matrix in bf16; else the standard one) or "standard" (always iterate on the
-            matrix, as torch does).
+            segments re-formed from the matrix in bf16; else the standard one), "standard" (always iterate on the
+            matrix, as torch does) or "auto" ("gram", except half-precision Newton–Schulz on a GPU: "standard").
         adjust_lr: the matrices' lr factor for an m x n matrix: "match_rms_adamw" (Moonshot's 0.2 sqrt(max(m, n)),
             which gives the update a typical AdamW update's RMS, so AdamW's lr and weight decay carry over) or
             "original" (Keller's sqrt(max(1, m/n))).
@@ -131,7 +141,7 @@ class Muon(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 5e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = NS_STEPS, ns_coefficients: tuple | str = NS_COEFFICIENTS,
-                 ns_eps: float = NS_EPS, ns_dtype: str = "auto", ns_method: str = "gram",
+                 ns_eps: float = NS_EPS, ns_dtype: str = "auto", ns_method: str = "auto",
                  adjust_lr: str = "match_rms_adamw",
                  adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
         check_common(lr, eps, weight_decay)
@@ -173,7 +183,8 @@ class Muon(MatrixOptimizer):
             dtype = ns_dtype_for(group["ns_dtype"], X.device)
             schedule = ns_schedule(group["ns_coefficients"], group["ns_steps"])
             segments = [len(s) for s in gram_segments(schedule, dtype)]
-            gram = group.get("ns_method", "gram") == "gram" and gram_is_cheaper(X.shape, len(schedule), segments)
+            gram = uses_gram(group.get("ns_method", "auto"), dtype, X.device) and gram_is_cheaper(
+                X.shape, len(schedule), segments)
             return (newton_schulz_gram if gram else newton_schulz)(X, len(schedule), schedule, group["ns_eps"], dtype)
 
         if any(is_dtensor(u) for u in updates):
