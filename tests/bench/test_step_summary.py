@@ -59,7 +59,7 @@ def test_lamb_option_is_reported_beside_the_paper_timing_whose_verdict_counts():
     assert fastest_rows(slow)["lamb"] == "lamb (compiled)"  # the option is not LAMB's default
     with_reuse = slow | {"lamb (fused, direction in the gradient)": row(0.09, 1.45)}
     both = summary({"results": with_reuse})
-    assert ("lamb 1.60x; lamb with `reuse_grad=True` (the paper's timing) (our option) 1.45x; lamb with "
+    assert ("lamb 1.60x; lamb with `reuse_grad=True` (our option, the paper's timing) 1.45x; lamb with "
             "`trust_from=\"previous\"` (our option) 1.00x | no: lamb at its defaults (yes with `reuse_grad=True` or "
             "`trust_from=\"previous\"`) |") in both
     assert fastest_rows(with_reuse)["lamb"] == "lamb (compiled)"

@@ -490,11 +490,13 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
         precision = result.get("muon_ns_dtype", "bfloat16")
         lines += ["", f"lmopt's Muon against `torch.optim.Muon` on the same matrices{on}, interleaved in one set: "
                   f"{pair[0]['step_seconds'] / pair[1]['step_seconds']:.2f}x as fast. lmopt's Newton–Schulz ran in "
-                  f"{precision} (`ns_dtype=\"auto\"` on this machine), torch's in bfloat16. With "
-                  "`ns_dtype=\"bfloat16\"` the two agree to atol 1e-6 on the parameters after 5 steps "
-                  "(tests/optim/test_papers.py); fp32 is at least as close to the exact polar factor on real "
-                  "gradients (tests/optim/test_newton_schulz.py), and `lmopt bench variant` compares the final "
-                  "losses on held-out seeds (results/cpu-full/variants.md)."]
+                  f"{precision} (`ns_dtype=\"auto\"` on this machine), in the Gram space for the 2:1 and 4:1 "
+                  "matrices (`ns_method=\"auto\"`), torch's in bfloat16 on every matrix. With "
+                  "`ns_dtype=\"bfloat16\", ns_method=\"standard\"` the two agree to atol 1e-6 on the parameters "
+                  "after 5 steps (tests/optim/test_papers.py); the Gram space is the same iteration, as close to the "
+                  "exact one as the standard iteration in the same precision (tests/optim/test_newton_schulz.py), "
+                  "and `lmopt bench variant` compares the final losses on held-out seeds "
+                  "(results/cpu-full/variants.md)."]
         spectra = [result["results"][name] for name in SPECTRA_MATRICES if name in result["results"]]
         if spectra:
             fastest = min(row["step_seconds"] for row in spectra)
