@@ -182,12 +182,15 @@ def test_gram_segments_bound_the_growth_of_each_run_in_bf16_only():
 
 @pytest.mark.parametrize("growth_limit", [1.0, 41.0, 64.0, math.inf])
 def test_the_gram_space_iteration_in_segments_is_the_same_iteration(real_gradients, growth_limit):
-    """Any segmentation is the plain iteration exactly (float64), batched as matrix by matrix; in bf16 a batch gives
+    """Any segmentation is the plain iteration exactly (float64), contiguous in G's layout (a tall G's last product is
+    taken transposed), batched as matrix by matrix; in bf16 a batch gives
     its matrices' results up to bf16 rounding (the GPU path stacks same-shape matrices)."""
-    for G in real_gradients[:6]:
+    assert any(G.size(0) > G.size(1) for G in real_gradients)
+    for G in real_gradients:
         plain = newton_schulz(G, dtype=torch.float64)
         segmented = newton_schulz_gram(G, dtype=torch.float64, growth_limit=growth_limit)
         assert ((segmented - plain).norm() / plain.norm()).item() < 1e-10
+        assert segmented.is_contiguous()  # tall or wide: in G's own layout, cheap to add to the parameter
     batch = torch.stack([real_gradients[0], real_gradients[0].flip(0)]).float()
     together = newton_schulz_gram(batch, dtype=torch.bfloat16, growth_limit=growth_limit).double()
     for i in range(2):
