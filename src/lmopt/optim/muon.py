@@ -27,18 +27,19 @@ closer to 1 for the same number of iterations), or a schedule of ``ns_steps`` tr
 ``ns_method``: ``"gram"`` carries the iteration on the small side's Gram matrix
 (:func:`lmopt.optim.kernels.newton_schulz_gram`) for the shapes where that takes fewer flops (the 2:1 attention and
 4:1 MLP matrices; not square ones). In fp32 it is one run of iterations; in bf16 (torch's precision, and "auto" on a
-GPU or a bf16-native CPU) rounding accumulates in a bf16 Gram matrix until it diverges (relative error 2.5e4 on
-real gradients), so there the iterations run in segments whose product of a's stays within 64 (Keller's five:
-3 + 2), X re-formed between them (:func:`lmopt.optim.kernels.gram_segments`): its distance to the exact iteration is
-then the standard bf16 iteration's (0.104 against 0.097 on nano's real gradients; tests/optim/test_newton_schulz.py).
-In fp32 it deviates from the exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients). Final loss on
-cpu-full's held-out seeds: equivalent to the standard iteration's in fp32 (results/cpu-full/variants.md, muon-gram:
-Δ −0.0003 [−0.0024, +0.0017]) and in bf16 (muon-gram-bf16: Δ +0.0023 [−0.0032, +0.0078]). On one qwen3-134m layer's
-seven matrices on this project's 2-core AVX-512/AMX CPU the bf16 segments made the step 1.19x faster than
-torch.optim.Muon's (results/step/muon-cpu-probe.md). ``"standard"`` iterates on X for every shape (torch's
-algorithm). ``"auto"`` (lmopt's default): ``"gram"``, except bf16 or fp16 Newton–Schulz on a GPU, which keeps the
-standard iteration until the segments are timed there (a GPU's small products wait on launches, and the segments
-launch more of them; the GPU step table's ``muon (gram)`` row is that measurement).
+GPU or a bf16-native CPU) rounding accumulates in a bf16 Gram matrix until it diverges (relative error 2.5e4 on real
+gradients), so there the iterations run in segments whose product of a's stays within 64 (Keller's five: 3 + 2), X
+re-formed between them (:func:`lmopt.optim.kernels.gram_segments`): its distance to the exact iteration is then the
+standard bf16 iteration's (0.104 against 0.097 on nano's real gradients; tests/optim/test_newton_schulz.py). In fp32
+it deviates from the exact iteration by ~1e-5 (Gaussian matrices) to 7e-4 (real gradients). Final loss on cpu-full's
+held-out seeds: equivalent to the standard iteration's in fp32 (results/cpu-full/variants.md, muon-gram: Δ −0.0003
+[−0.0024, +0.0017]) and in bf16 (muon-gram-bf16: Δ +0.0023 [−0.0032, +0.0078]). On one qwen3-134m layer's seven
+matrices on this project's 2-core AVX-512/AMX CPU the bf16 segments made the step 1.19-1.39x faster than
+torch.optim.Muon's over four runs of scripts/muon_cpu_probe.py (results/step/muon-cpu-probe.md holds the last).
+``"standard"`` iterates on X for every shape (torch's algorithm). ``"auto"`` (lmopt's default): ``"gram"``, except
+bf16 or fp16 Newton–Schulz on a GPU, which keeps the standard iteration until the segments are timed there (a GPU's
+small products wait on launches, and the segments launch more of them; the GPU step table's ``muon (gram)`` row is
+that measurement).
 """
 
 from __future__ import annotations
