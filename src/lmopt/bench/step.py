@@ -14,7 +14,9 @@ Three measurements, each written to ``results/step/<device>-<preset>.md`` and ``
    interleaved the same way, as ratios to AdamW's.
 3. **``lmopt train`` against a bare loop**: the trainer (metrics JSONL, progress, the lr schedule, loss and
    grad-norm reads) against the plainest loop over the same model, data, optimizer and schedule, in alternating
-   rounds; evaluation and checkpoint time are excluded from the trainer's time (the bare loop has neither).
+   rounds; each loop's steady-state time per step is the median interval between step ends (warm-up steps and
+   the trainer's final evaluation and checkpoint, which the bare loop does not have, left out), and the ratio is
+   the median of the rounds' paired ratios, with their range.
 
 Timings are wall-clock medians in one process with ``threads`` pinned; they belong in results files, never in
 tests.
@@ -23,6 +25,7 @@ tests.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -353,51 +356,56 @@ def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len:
             "warmup": warmup, "results": rows}
 
 
-def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: int = 40, rounds: int = 3,
-                         seq_len: int = 256, batch_tokens: int = 4096, log=print) -> dict:
-    """``lmopt train``'s tokens/s over a bare loop's, same model, data, optimizer and schedule."""
+def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: int = 40, rounds: int = 4,
+                         seq_len: int = 256, batch_tokens: int = 4096, skip: int = 5, log=print) -> dict:
+    """``lmopt train``'s steady-state tokens/s over a bare loop's, same model, data, optimizer and schedule.
+
+    Each loop's time per step is the interval between consecutive step ends (for the trainer: everything its
+    loop does, metrics record and progress line included), the first ``skip`` intervals (allocator warm-up)
+    and the last (the trainer's final evaluation and checkpoint, which a bare loop does not have) left out.
+    The two loops alternate within and across rounds (T, B | B, T | ...), so a drift of the machine hits both;
+    each round's ratio is the bare loop's median interval over the trainer's, and the reported ratio is the
+    median of the rounds' ratios, with their range."""
     from lmopt.train.build import build_run
+    from lmopt.train.callbacks import Callback
     from lmopt.train.config import TrainConfig
     from lmopt.train.trainer import Trainer
 
+    if steps < skip + 3:
+        raise ValueError(f"steps ({steps}) must be at least skip ({skip}) + 3: no interval would be timed")
     cfg = TrainConfig(preset=preset, optimizer=optimizer, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
                       eval_interval=steps, eval_tokens=seq_len * 4, log_interval=10, ckpt_interval=0, device="cpu",
                       run_name="overhead")
 
-    class TimedTrainer(Trainer):
-        """The trainer, with the evaluation and checkpoint time (which a bare loop does not have) counted."""
+    def timed_intervals(ends: list[float]) -> list[float]:
+        intervals = [b - a for a, b in itertools.pairwise(ends)]
+        return intervals[skip:-1]
 
-        excluded = 0.0
+    class StepEnds(Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
 
-        def _record_eval(self) -> None:
-            start = time.perf_counter()
-            super()._record_eval()
-            self.excluded += time.perf_counter() - start
+        def on_step_end(self, trainer: Trainer) -> None:
+            self.ends.append(time.perf_counter())
 
-        def _save(self) -> None:
-            start = time.perf_counter()
-            super()._save()
-            self.excluded += time.perf_counter() - start
-
-    def trainer_seconds() -> float:
+    def trainer_intervals() -> list[float]:
         with tempfile.TemporaryDirectory() as runs:
             previous = os.environ.get("LMOPT_RUNS")
             os.environ["LMOPT_RUNS"] = runs
             try:
-                trainer = TimedTrainer(cfg, overwrite=True, log=lambda _: None)
-                start = time.perf_counter()
-                trainer.run()
-                return time.perf_counter() - start - trainer.excluded
+                clock = StepEnds()
+                Trainer(cfg, overwrite=True, log=lambda _: None, callbacks=[clock]).run_and_close()
+                return timed_intervals(clock.ends)
             finally:
                 if previous is None:
                     del os.environ["LMOPT_RUNS"]
                 else:
                     os.environ["LMOPT_RUNS"] = previous
 
-    def bare_seconds() -> float:
+    def bare_intervals() -> list[float]:
         parts = build_run(cfg)  # the same parts the trainer builds, without its loop
         model, opt, sched, loader = parts.model, parts.optimizer, parts.scheduler, parts.loader
-        start = time.perf_counter()
+        ends = []
         for _ in range(steps):
             x, y = loader.next_batch()
             _, loss = model(x, y)
@@ -406,17 +414,41 @@ def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: 
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        return time.perf_counter() - start
+            ends.append(time.perf_counter())
+        return timed_intervals(ends)
 
-    trainer_times, bare_times = [], []
+    trainer_times, bare_times, ratios = [], [], []
     for r in range(rounds):
-        trainer_times.append(trainer_seconds())
-        bare_times.append(bare_seconds())
-        log(f"round {r + 1}/{rounds}: lmopt train {trainer_times[-1]:.2f} s, bare loop {bare_times[-1]:.2f} s")
-    tokens = steps * batch_tokens
-    trainer_tps, bare_tps = tokens / statistics.median(trainer_times), tokens / statistics.median(bare_times)
-    return {"preset": preset, "optimizer": optimizer, "steps": steps, "rounds": rounds, "batch_tokens": batch_tokens,
-            "trainer_tokens_per_s": trainer_tps, "bare_tokens_per_s": bare_tps, "ratio": trainer_tps / bare_tps}
+        order = (trainer_intervals, bare_intervals) if r % 2 == 0 else (bare_intervals, trainer_intervals)
+        measured = {loop: loop() for loop in order}
+        trainer, bare = measured[trainer_intervals], measured[bare_intervals]
+        trainer_times += trainer
+        bare_times += bare
+        ratios.append(statistics.median(bare) / statistics.median(trainer))
+        log(f"round {r + 1}/{rounds}: lmopt train {statistics.median(trainer) * 1e3:.1f} ms/step, bare loop "
+            f"{statistics.median(bare) * 1e3:.1f} ms/step, ratio {ratios[-1]:.3f}")
+    return {"preset": preset, "optimizer": optimizer, "steps": steps, "rounds": rounds, "skip": skip,
+            "batch_tokens": batch_tokens, "trainer_tokens_per_s": batch_tokens / statistics.median(trainer_times),
+            "bare_tokens_per_s": batch_tokens / statistics.median(bare_times), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def overhead_description(overhead: dict) -> str:
+    if "skip" not in overhead:  # files written before per-step intervals: whole runs
+        return (f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['steps']} steps of "
+                f"{overhead['batch_tokens']:,} tokens, median of {overhead['rounds']} alternating rounds "
+                "(evaluation and checkpoint time excluded from the trainer's).")
+    return (f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['rounds']} alternating rounds of "
+            f"{overhead['steps']} steps of {overhead['batch_tokens']:,} tokens per loop; time per step = the "
+            f"interval between step ends, the first {overhead['skip']} and the last (the trainer's final "
+            "evaluation and checkpoint) left out; tokens/s from the median interval over all rounds; the ratio is "
+            "the median of the rounds' ratios (min–max).")
+
+
+def overhead_ratio(overhead: dict) -> str:
+    if "ratio_min" not in overhead:
+        return f"{overhead['ratio']:.3f}"
+    return f"{overhead['ratio']:.3f} ({overhead['ratio_min']:.3f}–{overhead['ratio_max']:.3f})"
 
 
 def device_name(result: dict) -> str:
@@ -475,14 +507,11 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
             lines.append(f"| {name} | {r['step_seconds'] * 1e3:.1f} ms | {r['time_vs_adamw']:.3f}x |")
     overhead = result.get("trainer_overhead")
     if overhead:
-        lines += ["", "## `lmopt train` against a bare loop", "",
-                  f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['steps']} steps of "
-                  f"{overhead['batch_tokens']:,} tokens, median of {overhead['rounds']} alternating rounds "
-                  "(evaluation and checkpoint time excluded from the trainer's).", "",
+        lines += ["", "## `lmopt train` against a bare loop", "", overhead_description(overhead), "",
                   "| loop | tokens/s |", "|---|---:|",
                   f"| lmopt train | {overhead['trainer_tokens_per_s']:,.0f} |",
                   f"| bare loop | {overhead['bare_tokens_per_s']:,.0f} |",
-                  f"| ratio | {overhead['ratio']:.3f} |"]
+                  f"| ratio | {overhead_ratio(overhead)} |"]
     pair = [result["results"].get(name) for name in MUON_PAIR]
     if all(pair):
         layers = result.get("muon_pair_layers", result.get("layers"))

@@ -154,7 +154,9 @@ def targets_table(data: dict) -> str:
                      f"| {_verdict(speedup >= 1.5)} |")
     overhead = data.get("trainer_overhead")
     if overhead:
-        lines.append(f"| `lmopt train` ≥ 0.95x a bare loop's throughput | {overhead['ratio']:.2f}x "
+        spread = (f" (rounds {overhead['ratio_min']:.2f}–{overhead['ratio_max']:.2f})" if "ratio_min" in overhead
+                  else "")
+        lines.append(f"| `lmopt train` ≥ 0.95x a bare loop's throughput | {overhead['ratio']:.2f}x{spread} "
                      f"| {_verdict(overhead['ratio'] >= 0.95)} |")
     return "\n".join(lines)
 
