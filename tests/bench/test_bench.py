@@ -331,7 +331,7 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
                                                     only=["spectra"], compiled=False, log=lambda _: None)
     assert set(result["train_step"]["results"]) == {BASELINE, "spectra"}
     assert result["train_step"]["results"][BASELINE]["time_vs_adamw"] == 1.0
-    with pytest.raises(ValueError, match="no interval would be timed"):
+    with pytest.raises(ValueError, match="no step pair would be timed"):
         run_trainer_overhead("nano", steps=3, skip=1, log=lambda _: None)
     overhead = run_trainer_overhead("nano", steps=4, rounds=2, skip=1, seq_len=64, batch_tokens=256,
                                     log=lambda _: None)

@@ -14,9 +14,9 @@ Three measurements, each written to ``results/step/<device>-<preset>.md`` and ``
    interleaved the same way, as ratios to AdamW's.
 3. **``lmopt train`` against a bare loop**: the trainer (metrics JSONL, progress, the lr schedule, loss and
    grad-norm reads) against the plainest loop over the same model, data, optimizer and schedule, in alternating
-   rounds; each loop's steady-state time per step is the median interval between step ends (warm-up steps and
-   the trainer's final evaluation and checkpoint, which the bare loop does not have, left out), and the ratio is
-   the median of the rounds' paired ratios, with their range.
+   rounds whose steps alternate (one trainer step, one bare step, ...); warm-up steps and the trainer's final
+   evaluation and checkpoint, which the bare loop does not have, are left out, and the ratio is the median of
+   the rounds' median paired ratios, with their range.
 
 Timings are wall-clock medians in one process with ``threads`` pinned; they belong in results files, never in
 tests.
@@ -25,7 +25,6 @@ tests.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -356,77 +355,79 @@ def run_train_step_benchmark(preset: str = "tiny", data: str = "brown", seq_len:
             "warmup": warmup, "results": rows}
 
 
-def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: int = 40, rounds: int = 4,
+def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: int = 40, rounds: int = 3,
                          seq_len: int = 256, batch_tokens: int = 4096, skip: int = 5, log=print) -> dict:
     """``lmopt train``'s steady-state tokens/s over a bare loop's, same model, data, optimizer and schedule.
 
-    Each loop's time per step is the interval between consecutive step ends (for the trainer: everything its
-    loop does, metrics record and progress line included), the first ``skip`` intervals (allocator warm-up)
-    and the last (the trainer's final evaluation and checkpoint, which a bare loop does not have) left out.
-    The two loops alternate within and across rounds (T, B | B, T | ...), so a drift of the machine hits both;
-    each round's ratio is the bare loop's median interval over the trainer's, and the reported ratio is the
-    median of the rounds' ratios, with their range."""
+    The two loops run step by step in turn: a callback at the end of each trainer step runs one step of the bare
+    loop (its own model, optimizer, schedule and data), so a drift of the machine hits both alike. The trainer's
+    time for a step is the interval from the end of the previous bare step to its own end (everything its loop
+    does: metrics record and progress line included); the first ``skip`` pairs (allocator warm-up) and the last
+    (the trainer's final evaluation and checkpoint, which a bare loop does not have) are left out. A round's ratio
+    is the median over its pairs of bare time / trainer time; the reported ratio is the median of the rounds'
+    ratios, with their range."""
     from lmopt.train.build import build_run
     from lmopt.train.callbacks import Callback
     from lmopt.train.config import TrainConfig
     from lmopt.train.trainer import Trainer
 
     if steps < skip + 3:
-        raise ValueError(f"steps ({steps}) must be at least skip ({skip}) + 3: no interval would be timed")
+        raise ValueError(f"steps ({steps}) must be at least skip ({skip}) + 3: no step pair would be timed")
     cfg = TrainConfig(preset=preset, optimizer=optimizer, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
                       eval_interval=steps, eval_tokens=seq_len * 4, log_interval=10, ckpt_interval=0, device="cpu",
                       run_name="overhead")
 
-    def timed_intervals(ends: list[float]) -> list[float]:
-        intervals = [b - a for a, b in itertools.pairwise(ends)]
-        return intervals[skip:-1]
+    class BareStepAfterEach(Callback):
+        """After each trainer step, one bare-loop step; both times recorded."""
 
-    class StepEnds(Callback):
         def __init__(self) -> None:
-            self.ends: list[float] = []
+            parts = build_run(cfg)  # the same parts the trainer builds, without its loop
+            self.model, self.opt, self.sched, self.loader = parts.model, parts.optimizer, parts.scheduler, parts.loader
+            self.trainer_times: list[float] = []
+            self.bare_times: list[float] = []
+            self.last_end: float | None = None
+
+        def bare_step(self) -> None:
+            x, y = self.loader.next_batch()
+            _, loss = self.model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
 
         def on_step_end(self, trainer: Trainer) -> None:
-            self.ends.append(time.perf_counter())
+            trainer_end = time.perf_counter()
+            if self.last_end is not None:
+                self.trainer_times.append(trainer_end - self.last_end)
+            self.bare_step()
+            self.last_end = time.perf_counter()
+            self.bare_times.append(self.last_end - trainer_end)
 
-    def trainer_intervals() -> list[float]:
+    def paired_round() -> tuple[list[float], list[float]]:
         with tempfile.TemporaryDirectory() as runs:
             previous = os.environ.get("LMOPT_RUNS")
             os.environ["LMOPT_RUNS"] = runs
             try:
-                clock = StepEnds()
-                Trainer(cfg, overwrite=True, log=lambda _: None, callbacks=[clock]).run_and_close()
-                return timed_intervals(clock.ends)
+                pairs = BareStepAfterEach()
+                Trainer(cfg, overwrite=True, log=lambda _: None, callbacks=[pairs]).run_and_close()
             finally:
                 if previous is None:
                     del os.environ["LMOPT_RUNS"]
                 else:
                     os.environ["LMOPT_RUNS"] = previous
-
-    def bare_intervals() -> list[float]:
-        parts = build_run(cfg)  # the same parts the trainer builds, without its loop
-        model, opt, sched, loader = parts.model, parts.optimizer, parts.scheduler, parts.loader
-        ends = []
-        for _ in range(steps):
-            x, y = loader.next_batch()
-            _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            ends.append(time.perf_counter())
-        return timed_intervals(ends)
+        # trainer_times[i] is step i + 2's; bare_times[i + 1] ran right after it
+        timed = range(skip, steps - 2)
+        return [pairs.trainer_times[i] for i in timed], [pairs.bare_times[i + 1] for i in timed]
 
     trainer_times, bare_times, ratios = [], [], []
     for r in range(rounds):
-        order = (trainer_intervals, bare_intervals) if r % 2 == 0 else (bare_intervals, trainer_intervals)
-        measured = {loop: loop() for loop in order}
-        trainer, bare = measured[trainer_intervals], measured[bare_intervals]
+        trainer, bare = paired_round()
         trainer_times += trainer
         bare_times += bare
-        ratios.append(statistics.median(bare) / statistics.median(trainer))
+        ratios.append(statistics.median(b / t for b, t in zip(bare, trainer, strict=True)))
         log(f"round {r + 1}/{rounds}: lmopt train {statistics.median(trainer) * 1e3:.1f} ms/step, bare loop "
-            f"{statistics.median(bare) * 1e3:.1f} ms/step, ratio {ratios[-1]:.3f}")
+            f"{statistics.median(bare) * 1e3:.1f} ms/step, paired ratio {ratios[-1]:.3f}")
     return {"preset": preset, "optimizer": optimizer, "steps": steps, "rounds": rounds, "skip": skip,
             "batch_tokens": batch_tokens, "trainer_tokens_per_s": batch_tokens / statistics.median(trainer_times),
             "bare_tokens_per_s": batch_tokens / statistics.median(bare_times), "ratio": statistics.median(ratios),
@@ -438,11 +439,11 @@ def overhead_description(overhead: dict) -> str:
         return (f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['steps']} steps of "
                 f"{overhead['batch_tokens']:,} tokens, median of {overhead['rounds']} alternating rounds "
                 "(evaluation and checkpoint time excluded from the trainer's).")
-    return (f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['rounds']} alternating rounds of "
-            f"{overhead['steps']} steps of {overhead['batch_tokens']:,} tokens per loop; time per step = the "
-            f"interval between step ends, the first {overhead['skip']} and the last (the trainer's final "
-            "evaluation and checkpoint) left out; tokens/s from the median interval over all rounds; the ratio is "
-            "the median of the rounds' ratios (min–max).")
+    return (f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['rounds']} rounds of {overhead['steps']} "
+            f"steps of {overhead['batch_tokens']:,} tokens, the two loops stepping in turn; the first "
+            f"{overhead['skip']} pairs of steps and the last (the trainer's final evaluation and checkpoint) left "
+            "out; tokens/s from the median step time over all rounds; the ratio is the median over the rounds "
+            "(min–max) of each round's median paired ratio.")
 
 
 def overhead_ratio(overhead: dict) -> str:
