@@ -91,3 +91,15 @@ def test_spectra_against_torch_muon_is_judged_on_the_same_matrices_where_both_we
             "(`spectra (fused, matrices only)`, one set); whole model 50.0x (its defaults)") in text
     assert "| no on the same matrices |" in text
     assert fastest_rows(same)["spectra"] == "spectra (fused)"  # a matrices-only row is not Spectra's whole step
+
+
+def test_the_muon_target_takes_the_faster_lmopt_row_and_shows_both():
+    fused = {"step_seconds": 0.4, "time_vs_fused_adamw": 0.4, "state_vs_adamw": 0.02, "state_bytes": 200}
+    results = RESULTS | {"lmopt muon (fused, matrices only)": fused}
+    text = summary({"results": results})
+    slower = results["torch.optim.Muon (matrices only)"]["step_seconds"] / results["lmopt muon (matrices only)"][
+        "step_seconds"]
+    fast = results["torch.optim.Muon (matrices only)"]["step_seconds"] / 0.4
+    assert (f"| lmopt Muon ≥ 1.5x faster than `torch.optim.Muon` | {slower:.2f}x; {fast:.2f}x with "
+            f"`impl=\"fused\"` | {'yes' if max(slower, fast) >= 1.5 else 'no'} |") in text
+    assert "| lmopt muon (fused, matrices only) |" in text  # a reference row of the table

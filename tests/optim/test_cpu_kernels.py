@@ -334,3 +334,55 @@ def test_multi_tensor_steps_check_every_tensor_before_stepping_any():
     assert torch.equal(p[0], before)
     with pytest.raises(RuntimeError, match="tensors x 7"):
         kernels.stable_adamw_steps_(p, [torch.ones(4), torch.ones(3)], *moments, settings)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("ns_method", ["auto", "standard"])
+def test_muon_fused_passes_match_its_foreach_update(nesterov, ns_method):
+    """fp32 Newton–Schulz (so that nothing but the elementwise passes differ), wide, tall and square matrices,
+    5 steps with weight decay: the parameters and momenta agree to fp32 rounding."""
+    from lmopt.optim.muon import Muon
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(24, 96), (96, 24), (33, 33), (48, 96)]
+    weights = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(5)]
+    results = []
+    for impl in ("foreach", "fused"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=nesterov, ns_dtype="float32", ns_method=ns_method,
+                   impl=impl)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append([(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in params])
+    for foreach, fused in zip(*results, strict=True):
+        for a, b in zip(foreach, fused, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(p, w) for (p, _), w in zip(results[1], weights, strict=True))
+
+
+def test_muon_momentum_kernel_rounds_to_bfloat16_as_torch():
+    """The momentum pass's bf16 output is torch's cast of torch's lerp (ties to even, NaN kept): equal but for a
+    value whose fp32 lerp differs in its last bit (FMA or not) and lands on the other side of a bf16 tie."""
+    k = cpu_kernels.kernels()
+    gen = torch.Generator().manual_seed(4)
+    g, buf = torch.randn(300, 257, generator=gen), torch.randn(300, 257, generator=gen)
+    g[0, :3] = torch.tensor([float("nan"), 1.0 + 2**-8, 1.0 + 3 * 2**-8])  # a NaN and two exact bf16 ties
+    buf[0, :3] = g[0, :3]
+    expected_buf = buf.clone().lerp_(g, 0.05)
+    expected = g.lerp(expected_buf, 0.95).to(torch.bfloat16)
+    out = torch.empty(g.shape, dtype=torch.bfloat16)
+    k.muon_momentum_(g, buf, out, 0.95, True)
+    torch.testing.assert_close(buf, expected_buf, rtol=0, atol=1e-6, equal_nan=True)
+    assert torch.isnan(out[0, 0]) and out[0, 1].item() == 1.0 and out[0, 2].item() == 1.0 + 4 * 2**-8
+    differ = (out.float() != expected.float()) & ~torch.isnan(expected.float())
+    assert differ.float().mean() < 1e-3
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=0, equal_nan=True)
+    p = torch.randn(300, 257, generator=gen)
+    expected_p = p.clone().mul_(0.998).add_(out, alpha=-0.03)
+    k.muon_apply_(p, out, 0.998, 0.03)
+    torch.testing.assert_close(p, expected_p, rtol=0, atol=1e-6, equal_nan=True)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        k.muon_momentum_(g, buf, torch.empty(g.shape, dtype=torch.float16), 0.95, True)

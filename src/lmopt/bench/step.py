@@ -79,6 +79,7 @@ def optimizer_variants(compiled: bool = True) -> dict[str, tuple[str, dict]]:
                                                                         "refresh_interval": SPECTRA_REFRESH})
     out["spectra (fused, refresh after the step)"] = ("spectra", {"impl": "fused", "refresh_timing": "after"})
     out["adafactor (fused)"] = ("adafactor", {"impl": "fused"})
+    out["muon (fused)"] = ("muon", {"impl": "fused"})
     out["lamb (fused)"] = ("lamb", {"impl": "fused"})
     out[LAMB_PREVIOUS] = ("lamb", {"impl": "fused", "trust_from": "previous"})
     out[LAMB_REUSE] = ("lamb", {"impl": "fused", "reuse_grad": True})
@@ -115,6 +116,7 @@ def _step_candidates(model: torch.nn.Module, compiled: bool,
         out[MUON_GRAM] = lambda: build("muon", model, ns_method="gram")  # bf16 Gram segments ("auto": standard)
     else:  # the C++ kernels are the CPU's
         out[SPECTRA_MATRICES[1]] = lambda: Spectra(matrices, impl="fused")
+        out[LMOPT_MUON_FUSED] = lambda: Muon(matrices, lr=1e-3, adjust_lr="original", impl="fused")
     return out
 
 
@@ -125,6 +127,7 @@ def householder_refresh(opt: Spectra) -> Spectra:
 
 
 MUON_PAIR = ("torch.optim.Muon (matrices only)", "lmopt muon (matrices only)")
+LMOPT_MUON_FUSED = "lmopt muon (fused, matrices only)"  # a CPU row: impl="fused", in the Muon pair's set
 SPECTRA_MATRICES = ("spectra (matrices only)", "spectra (fused, matrices only)")  # on the Muon pair's matrices
 
 
@@ -132,7 +135,7 @@ def _interleaving_sets(names: list[str]) -> list[list[str]]:
     """Each candidate alone with the baseline, except the optimizers timed on the same matrices only (torch's and
     lmopt's Muon, Spectra), which are compared directly in one set, and Spectra beside its Householder-QR row
     (a GPU's launch-bound rows move too much between sets to compare them across)."""
-    together = [[n for n in (*MUON_PAIR, *SPECTRA_MATRICES) if n in names]]
+    together = [[n for n in (*MUON_PAIR, LMOPT_MUON_FUSED, *SPECTRA_MATRICES) if n in names]]
     if SPECTRA_HOUSEHOLDER in names:
         together.append([n for n in ("spectra", SPECTRA_HOUSEHOLDER) if n in names])
     grouped = {n for members in together for n in members}
@@ -518,9 +521,12 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
         layers = result.get("muon_pair_layers", result.get("layers"))
         on = "" if layers == result.get("layers") else f" (the first {layers} of {result['layers']} layers')"
         precision = result.get("muon_ns_dtype", "bfloat16")
+        fused = result["results"].get(LMOPT_MUON_FUSED)
+        also = (f" (`impl=\"fused\"`, the elementwise passes in C++: "
+                f"{pair[0]['step_seconds'] / fused['step_seconds']:.2f}x)" if fused else "")
         lines += ["", f"lmopt's Muon against `torch.optim.Muon` on the same matrices{on}, interleaved in one set: "
-                  f"{pair[0]['step_seconds'] / pair[1]['step_seconds']:.2f}x as fast. lmopt's Newton–Schulz ran in "
-                  f"{precision} (`ns_dtype=\"auto\"` on this machine), in the Gram space for the 2:1 and 4:1 "
+                  f"{pair[0]['step_seconds'] / pair[1]['step_seconds']:.2f}x as fast{also}. lmopt's Newton–Schulz "
+                  f"ran in {precision} (`ns_dtype=\"auto\"` on this machine), in the Gram space for the 2:1 and 4:1 "
                   "matrices (`ns_method=\"auto\"`), torch's in bfloat16 on every matrix. With "
                   "`ns_dtype=\"bfloat16\", ns_method=\"standard\"` the two agree to atol 1e-6 on the parameters "
                   "after 5 steps (tests/optim/test_papers.py); the Gram space is the same iteration, as close to the "

@@ -34,6 +34,8 @@ _SOURCE = r"""
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <exception>
 #include <numeric>
 #include <limits>
@@ -928,6 +930,86 @@ std::vector<torch::Tensor> spectra_steps_(std::vector<torch::Tensor> W, std::vec
   return next;
 }
 
+// bfloat16 bits of x, rounded to nearest even (NaN stays NaN), as torch's conversion; integer work that vectorizes
+inline uint16_t bf16_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  const uint16_t rounded = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  return x != x ? uint16_t(0x7FC0) : rounded;
+}
+
+inline float from_bf16_bits(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+inline void store(float* out, int64_t j, float x) { out[j] = x; }
+inline void store(uint16_t* out, int64_t j, float x) { out[j] = bf16_bits(x); }
+inline float load(const float* in, int64_t j) { return in[j]; }
+inline float load(const uint16_t* in, int64_t j) { return from_bf16_bits(in[j]); }
+
+// torch.lerp's formula for a scalar weight: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w)
+inline float lerp(float start, float end, float w, bool small) {
+  return small ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+}
+
+// Muon, before Newton–Schulz: the momentum buf <- lerp(buf, g, 1 - mu) in place and the update
+// u = lerp(g, buf, mu) (Nesterov) or buf written to `out` in the product precision (fp32, or bf16 bits) (one read
+// of g and buf; one write of buf and out), in place of lerp_, lerp and .to(dtype)
+template <typename Out>
+void muon_momentum(const float* g, float* buf, Out* out, int64_t n, float mu, bool nesterov) {
+  const float w = 1.0f - mu;
+  const bool small_w = w < 0.5f, small_mu = mu < 0.5f;
+#pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    const float b = lerp(buf[j], g[j], w, small_w);
+    buf[j] = b;
+    store(out, j, nesterov ? lerp(g[j], b, mu, small_mu) : b);
+  }
+}
+
+// Muon, after Newton–Schulz: p <- p decay - step u, u in fp32 or bf16 bits (one read of p and u; one write of p),
+// in place of mul_ and add_
+template <typename In>
+void muon_apply(float* p, const In* u, int64_t n, float decay, float step) {
+#pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * decay - step * load(u, j);
+}
+
+void check_muon(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c, const char* name) {
+  for (const auto& t : {a, b, c}) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.numel() == a.numel(), name,
+                ": every tensor must be a contiguous CPU tensor of the parameter's size");
+  }
+  TORCH_CHECK(a.scalar_type() == torch::kFloat32 && b.scalar_type() == torch::kFloat32, name,
+              ": the parameter-sized tensors must be float32");
+  TORCH_CHECK(c.scalar_type() == torch::kFloat32 || c.scalar_type() == torch::kBFloat16, name,
+              ": the Newton–Schulz tensor must be float32 or bfloat16");
+}
+
+void muon_momentum_(torch::Tensor g, torch::Tensor buf, torch::Tensor out, double momentum, bool nesterov) {
+  check_muon(g, buf, out, "muon_momentum_");
+  const float mu = static_cast<float>(momentum);
+  if (out.scalar_type() == torch::kBFloat16) {
+    muon_momentum(g.data_ptr<float>(), buf.data_ptr<float>(), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                  g.numel(), mu, nesterov);
+  } else {
+    muon_momentum(g.data_ptr<float>(), buf.data_ptr<float>(), out.data_ptr<float>(), g.numel(), mu, nesterov);
+  }
+}
+
+void muon_apply_(torch::Tensor p, torch::Tensor u, double decay, double step) {
+  check_muon(p, p, u, "muon_apply_");
+  const float d = static_cast<float>(decay), s = static_cast<float>(step);
+  if (u.scalar_type() == torch::kBFloat16) {
+    muon_apply(p.data_ptr<float>(), reinterpret_cast<const uint16_t*>(u.data_ptr()), p.numel(), d, s);
+  } else {
+    muon_apply(p.data_ptr<float>(), u.data_ptr<float>(), p.numel(), d, s);
+  }
+}
+
 std::vector<torch::Tensor> adafactor_stats(torch::Tensor p, torch::Tensor g) {
   const int64_t m = g.size(0), n = g.size(1);
   auto options = g.options().dtype(torch::kFloat64);
@@ -963,8 +1045,9 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]}
 _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_update", "lamb_steps_",
               "stable_adamw_steps_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
-              "spectra_apply_", "spectra_step_", "spectra_steps_"]
-_NAME = "lmopt_cpu_kernels_v27"
+              "spectra_apply_", "spectra_step_", "spectra_steps_", "muon_momentum_",
+              "muon_apply_"]
+_NAME = "lmopt_cpu_kernels_v28"
 _failure: list[str] = []
 
 
