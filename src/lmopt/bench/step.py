@@ -13,8 +13,8 @@ Three measurements, each written to ``results/step/<device>-<preset>.md`` and ``
 2. **Training step** (forward + backward + clip + step) of every optimizer on a smaller preset and real text,
    interleaved the same way, as ratios to AdamW's.
 3. **``lmopt train`` against a bare loop**: the trainer (metrics JSONL, progress, the lr schedule, loss and
-   grad-norm reads) against the plainest loop over the same model, data, optimizer and schedule, in alternating
-   rounds whose steps alternate (one trainer step, one bare step, ...); warm-up steps and the trainer's final
+   grad-norm reads) against the plainest loop over the same model, data, optimizer and schedule, in rounds whose
+   steps alternate (one trainer step, one bare step, ...); warm-up steps and the trainer's final
    evaluation and checkpoint, which the bare loop does not have, are left out, and the ratio is the median of
    the rounds' median paired ratios, with their range.
 
@@ -365,7 +365,8 @@ def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: 
     The two loops run step by step in turn: a callback at the end of each trainer step runs one step of the bare
     loop (its own model, optimizer, schedule and data), so a drift of the machine hits both alike. The trainer's
     time for a step is the interval from the end of the previous bare step to its own end (everything its loop
-    does: metrics record and progress line included); the first ``skip`` pairs (allocator warm-up) and the last
+    does: metrics record and progress line included); the first ``skip`` + 1 pairs (the first trainer step has
+    no interval before it; then allocator warm-up) and the last
     (the trainer's final evaluation and checkpoint, which a bare loop does not have) are left out. A round's ratio
     is the median over its pairs of bare time / trainer time; the reported ratio is the median of the rounds'
     ratios, with their range."""
@@ -444,8 +445,8 @@ def overhead_description(overhead: dict) -> str:
                 "(evaluation and checkpoint time excluded from the trainer's).")
     return (f"`{overhead['preset']}`, {overhead['optimizer']}, {overhead['rounds']} rounds of {overhead['steps']} "
             f"steps of {overhead['batch_tokens']:,} tokens, the two loops stepping in turn; the first "
-            f"{overhead['skip']} pairs of steps and the last (the trainer's final evaluation and checkpoint) left "
-            "out; tokens/s from the median step time over all rounds; the ratio is the median over the rounds "
+            f"{overhead['skip'] + 1} steps of each loop and the last (the trainer's final evaluation and checkpoint) "
+            "left out; tokens/s from the median step time over all rounds; the ratio is the median over the rounds "
             "(min–max) of each round's median paired ratio.")
 
 

@@ -959,8 +959,8 @@ inline float lerp(float start, float end, float w, bool small) {
 // u = lerp(g, buf, mu) (Nesterov) or buf written to `out` in the product precision (fp32, or bf16 bits) (one read
 // of g and buf; one write of buf and out), in place of lerp_, lerp and .to(dtype)
 template <typename Out>
-void muon_momentum(const float* g, float* buf, Out* out, int64_t n, float mu, bool nesterov) {
-  const float w = 1.0f - mu;
+void muon_momentum(const float* g, float* buf, Out* out, int64_t n, double momentum, bool nesterov) {
+  const float w = static_cast<float>(1.0 - momentum), mu = static_cast<float>(momentum);  // as torch's weights
   const bool small_w = w < 0.5f, small_mu = mu < 0.5f;
 #pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
   for (int64_t j = 0; j < n; ++j) {
@@ -971,11 +971,11 @@ void muon_momentum(const float* g, float* buf, Out* out, int64_t n, float mu, bo
 }
 
 // Muon, after Newton–Schulz: p <- p decay - step u, u in fp32 or bf16 bits (one read of p and u; one write of p),
-// in place of mul_ and add_
+// in place of mul_ and add_, rounded as they round: p decay, then one fused multiply-add of u
 template <typename In>
 void muon_apply(float* p, const In* u, int64_t n, float decay, float step) {
 #pragma omp parallel for simd num_threads(at::get_num_threads()) schedule(static)
-  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * decay - step * load(u, j);
+  for (int64_t j = 0; j < n; ++j) p[j] = std::fma(-step, load(u, j), p[j] * decay);
 }
 
 void check_muon(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c, const char* name) {
@@ -991,12 +991,11 @@ void check_muon(const torch::Tensor& a, const torch::Tensor& b, const torch::Ten
 
 void muon_momentum_(torch::Tensor g, torch::Tensor buf, torch::Tensor out, double momentum, bool nesterov) {
   check_muon(g, buf, out, "muon_momentum_");
-  const float mu = static_cast<float>(momentum);
   if (out.scalar_type() == torch::kBFloat16) {
     muon_momentum(g.data_ptr<float>(), buf.data_ptr<float>(), reinterpret_cast<uint16_t*>(out.data_ptr()),
-                  g.numel(), mu, nesterov);
+                  g.numel(), momentum, nesterov);
   } else {
-    muon_momentum(g.data_ptr<float>(), buf.data_ptr<float>(), out.data_ptr<float>(), g.numel(), mu, nesterov);
+    muon_momentum(g.data_ptr<float>(), buf.data_ptr<float>(), out.data_ptr<float>(), g.numel(), momentum, nesterov);
   }
 }
 
@@ -1047,7 +1046,7 @@ _FUNCTIONS = ["adafactor_stats", "adafactor_inverse_variance_sum", "adafactor_up
               "stable_adamw_steps_", "dot_norms_", "msam_apply_", "spectra_momentum_", "spectra_project",
               "spectra_apply_", "spectra_step_", "spectra_steps_", "muon_momentum_",
               "muon_apply_"]
-_NAME = "lmopt_cpu_kernels_v28"
+_NAME = "lmopt_cpu_kernels_v30"
 _failure: list[str] = []
 
 

@@ -42,10 +42,12 @@ small products wait on launches, and the segments launch more of them; the GPU s
 that measurement).
 ``impl``: ``"foreach"`` (torch operations: the momentum by ``lerp_``, Nesterov's combination by ``lerp``, the cast
 to the Newton–Schulz precision, then ``mul_`` and ``add_`` for the update) or ``"fused"`` (our option, CPU only: two
-C++ passes per matrix, one for the momentum, Nesterov's combination and the cast, one for the decayed update, from
-``lmopt.optim.cpu_kernels``; the same formulas, equal to ``"foreach"`` to fp32 rounding (tested); other devices,
-dtypes and DTensor shards take ``"foreach"``). On one qwen3-134m layer's matrices the elementwise part of the step
-took 13.4 ms with torch's operations and 7.7 ms fused (session 17, this project's 2-core CPU).
+C++ passes per matrix, one for the momentum, Nesterov's combination and the cast, one for the decayed update where
+Newton–Schulz returns a contiguous matrix (the standard iteration's tall ones are a transposed view: ``mul_`` and
+``add_``), from ``lmopt.optim.cpu_kernels``; the same formulas rounded as torch's operations round them, so the
+same bits as ``"foreach"`` on this project's CPU (tested to fp32 rounding, bf16 Newton–Schulz included);
+other devices, dtypes, ``ns_dtype="float64"`` and DTensor shards take ``"foreach"``). The step table's rows
+``muon (fused)`` and ``lmopt muon (fused, matrices only)`` time it (results/step/).
 """
 
 from __future__ import annotations
@@ -175,15 +177,17 @@ class Muon(MatrixOptimizer):
         self.impl = cpu_kernels.fused_or_fallback(impl, "Muon", fallback="foreach")
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
-        momentum, fused = group["momentum"], self._fused_kernels(group, params)
-        updates = []
+        momentum = group["momentum"]
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        fused = self._fused_kernels(group, params, buffers)
+        updates = []
+        for p, buf in zip(params, buffers, strict=True):
             if fused is not None:  # the momentum, Nesterov's combination and the cast in one pass
-                updates.append(torch.empty(p.shape, dtype=ns_dtype_for(group["ns_dtype"], p.device)))
+                updates.append(torch.empty_like(p, dtype=ns_dtype_for(group["ns_dtype"], p.device),
+                                                memory_format=torch.contiguous_format))
                 fused.muon_momentum_(p.grad, buf, updates[-1], momentum, group["nesterov"])
                 continue
             buf.lerp_(p.grad, 1 - momentum)
@@ -196,14 +200,14 @@ class Muon(MatrixOptimizer):
                 p.mul_(decay)
                 p.add_(like_shard(ortho, p), alpha=-step)
 
-    def _fused_kernels(self, group: dict, params: list[Tensor]):
-        """The C++ kernels where ``impl="fused"`` and they take this group: contiguous fp32 CPU matrices and
-        gradients, Newton–Schulz in fp32 or bf16; else None (torch's operations)."""
+    def _fused_kernels(self, group: dict, params: list[Tensor], buffers: list[Tensor]):
+        """The C++ kernels where ``impl="fused"`` and they take this group: contiguous fp32 CPU matrices, gradients
+        and momenta, Newton–Schulz in fp32 or bf16; else None (torch's operations)."""
         if getattr(self, "impl", "foreach") != "fused" or not params:
             return None
         if ns_dtype_for(group["ns_dtype"], params[0].device) not in FUSED_NS_DTYPES:
             return None
-        tensors = [t for p in params for t in (p, p.grad)]
+        tensors = [t for p, buf in zip(params, buffers, strict=True) for t in (p, p.grad, buf)]
         if not all(t.dtype == torch.float32 for t in tensors):
             return None
         return cpu_kernels.kernels() if cpu_kernels.usable(*tensors, same_shape=False) else None
