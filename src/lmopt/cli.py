@@ -239,6 +239,9 @@ def _add_bench_parser(sub) -> None:
     step.add_argument("--preset", default="qwen3-134m", help="model preset whose shapes to use (default qwen3-134m)")
     step.add_argument("--repeats", type=int, default=5, help="timed steps per optimizer (default 5)")
     step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    step.add_argument("--compared-repeats", type=int, default=None,
+                      help="timed steps of the rows compared with each other on the same matrices (torch's and "
+                           "lmopt's Muon, Spectra) (default 4 x --repeats)")
     step.add_argument("--train-preset", default="tiny",
                       help="preset of the training-step and trainer-overhead measurements (default tiny); "
                       "'none' skips them")
@@ -337,7 +340,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         compiled = not args.no_compiled
         result = bench_step.run_step_benchmark(args.preset, args.repeats, args.warmup, args.only, compiled,
                                                args.profile, log=_log, muon_layers=args.muon_layers,
-                                               device=args.device)
+                                               device=args.device, compared_repeats=args.compared_repeats)
         if args.train_preset != "none":
             result["train_step"] = bench_step.run_train_step_benchmark(args.train_preset, only=args.only,
                                                                        compiled=compiled, log=_log)

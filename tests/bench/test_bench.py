@@ -314,6 +314,9 @@ def test_step_benchmark_reports_every_optimizer_against_fused_adamw(tmp_path):
     result = run_step_benchmark("nano", repeats=1, warmup=1, compiled=False, profile=["spectra"], log=lambda _: None,
                                 muon_layers=1)
     rows = result["results"]
+    assert result["compared_repeats"] == 4  # the rows compared with each other take 4x the repeats
+    with pytest.raises(ValueError, match="at least 1"):
+        run_step_benchmark("nano", repeats=1, compared_repeats=0, log=lambda _: None)
     # the Muon pair ran on the first layer's 7 hidden matrices only (one fp32 buffer per entry)
     assert result["muon_pair_layers"] == 1 and result["layers"] > 1
     assert rows["lmopt muon (matrices only)"]["state_bytes"] == 4 * sum(

@@ -252,8 +252,14 @@ def profile_table(step: Callable[[], None], top: int = 8, device: torch.device =
 
 def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int = 2,
                        only: list[str] | None = None, compiled: bool = True, profile: list[str] | None = None,
-                       log=print, muon_layers: int = 0, device: str = "cpu") -> dict:
+                       log=print, muon_layers: int = 0, device: str = "cpu",
+                       compared_repeats: int | None = None) -> dict:
     """Optimizer step time and state memory of every candidate on ``preset``'s parameter shapes.
+
+    ``compared_repeats`` (default 4 x ``repeats``): the repeats of the sets whose rows are compared with each
+    other directly (torch's and lmopt's Muon and Spectra on the same matrices; on a GPU Spectra and its
+    Householder-QR row): their ratio is a target of its own, and 7 repeats of the Muon pair moved it from 1.26x
+    (the median of five runs of 31) to 1.76x in one table.
 
     ``device`` "cuda": parameters, gradients and state on the GPU (fp32, as the trainer keeps them), and every
     timed step waits for the GPU before and after, so its time covers the kernels it launched.
@@ -263,6 +269,8 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     Newton–Schulz takes minutes per qwen3-134m step. Every layer has the same shapes and torch's Muon works
     matrix by matrix, so its whole-model time is this one's x layers / muon_layers (the summary says so where it
     uses it)."""
+    if repeats < 1 or (compared_repeats is not None and compared_repeats < 1):
+        raise ValueError(f"repeats ({repeats}) and compared_repeats ({compared_repeats}) must be at least 1")
     dev = torch.device(device)
     torch.manual_seed(0)
     model = Qwen3(get_preset(preset).config)
@@ -283,12 +291,13 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     base_state = state_bytes(baseline)
     base_times: list[float] = []
     rows, profiles = {}, {}
+    compared = compared_repeats or 4 * repeats
     for members in _interleaving_sets(list(candidates)):
         # One set at a time (all of them at once would not fit in memory on qwen3-134m), interleaved with the
         # baseline, whose median in the same set is the ratio's denominator.
         optimizers = {name: _warm(name, candidates[name], warmup, log, dev) for name in members}
-        times = _interleaved_times({BASELINE: baseline.step} | {n: o.step for n, o in optimizers.items()}, repeats,
-                                   dev)
+        times = _interleaved_times({BASELINE: baseline.step} | {n: o.step for n, o in optimizers.items()},
+                                   compared if len(members) > 1 else repeats, dev)
         base_times += times[BASELINE]
         for name, opt in optimizers.items():
             t, s = statistics.median(times[name]), state_bytes(opt)
@@ -306,7 +315,8 @@ def run_step_benchmark(preset: str = "qwen3-134m", repeats: int = 5, warmup: int
     if BASELINE in (profile or []):
         profiles[BASELINE] = profile_table(baseline.step, device=dev)
     layers = len(model.layers)
-    return {"preset": preset, "params": n_params, "repeats": repeats, "warmup": warmup, "layers": layers,
+    return {"preset": preset, "params": n_params, "repeats": repeats, "compared_repeats": compared,
+            "warmup": warmup, "layers": layers,
             "muon_pair_layers": min(muon_layers, layers) if muon_layers else layers,
             **_machine(torch.get_num_threads(), dev), "results": rows, "profiles": profiles}
 
@@ -484,7 +494,9 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
     lines = [f"# Optimizer cost: `{result['preset']}` on {device}", "",
              f"Made by `{command}` at commit `{commit}`; {_machine_line(result)}.", "",
              f"## Optimizer step ({result['params']:,} parameters, gradients present)", "",
-             f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps. "
+             f"Median of {result['repeats']} interleaved steps after {result['warmup']} warm-up steps"
+             + (f" ({result['compared_repeats']} in the set of rows compared with each other on the same matrices)"
+                if "compared_repeats" in result else "") + ". "
              "*vs fused AdamW* is the ratio of the medians; *paired ratios* are each repeat over the baseline step "
              "timed next to it: median (min–max), the spread this machine's noise leaves.", "",
              "| optimizer | step time | vs fused AdamW | paired ratios | fused AdamW in its set | "
