@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lmopt.bench.step import device_name
-from lmopt.data.paths import atomic_write_text
+from lmopt.data.paths import atomic_write_text, temporary_runs_home
 
 
 def implementation(optimizer: torch.optim.Optimizer) -> str | None:
@@ -50,46 +48,38 @@ def run_overhead(settings: dict, optimizers: list[str], steps: int = 20, rounds:
     optimizer_times: dict[str, list[float]] = {}
     rates: dict[str, dict] = {}
     peaks: dict[str, list[float | None]] = {}
-    with tempfile.TemporaryDirectory() as runs:
-        previous = os.environ.get("LMOPT_RUNS")
-        os.environ["LMOPT_RUNS"] = runs
-        try:
-            for r in range(rounds):
-                for name in optimizers:
-                    cfg = TrainConfig(**(settings | {"optimizer": name, "optim": (options or {}).get(name, {}),
-                                                     "steps": steps, "eval_interval": steps, "ckpt_interval": 0,
-                                                     "run_name": f"overhead-{name}-{r}"}))
-                    if settings.get("compile"):
-                        # a fresh compilation per run (the on-disk caches keep it short): every run's model is a
-                        # new module, and dynamo's recompilation limit would otherwise fall back to eager
-                        torch._dynamo.reset()
-                    if torch.cuda.is_available():
-                        torch.cuda.reset_peak_memory_stats()  # each run's own peak, not the process's
-                    trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
-                    summary = trainer.run()
-                    step_times = trainer._session_step_times[skip:]
-                    times[name].append(step_times)
-                    optimizer_times.setdefault(name, []).extend(trainer._session_optimizer_times[skip:])
-                    at_one_second = trainer._throughput(1.0)  # tokens/s and MFU scale as 1 / step time
-                    peaks.setdefault(name, []).append(at_one_second.pop("peak_memory_gib", None))
-                    rates[name] = at_one_second
-                    device = trainer.device.type  # as the trainer resolved it ("auto": a GPU where there is one)
-                    details[name] = {"optimizer_class": type(trainer.optimizer).__name__,
-                                     "impl": implementation(trainer.optimizer),
-                                     "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
-                                     "final_val_loss": summary["final_val_loss"]}
-                    log(f"round {r + 1}/{rounds} {name}: median step {statistics.median(step_times) * 1e3:.1f} ms "
-                        f"({len(step_times)} steps)")
-                    trainer.close()
-                    del trainer
-                    gc.collect()  # the trainer holds reference cycles: free its model and state before the next
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-        finally:
-            if previous is None:
-                del os.environ["LMOPT_RUNS"]
-            else:
-                os.environ["LMOPT_RUNS"] = previous
+    with temporary_runs_home():
+        for r in range(rounds):
+            for name in optimizers:
+                cfg = TrainConfig(**(settings | {"optimizer": name, "optim": (options or {}).get(name, {}),
+                                                 "steps": steps, "eval_interval": steps, "ckpt_interval": 0,
+                                                 "run_name": f"overhead-{name}-{r}"}))
+                if settings.get("compile"):
+                    # a fresh compilation per run (the on-disk caches keep it short): every run's model is a
+                    # new module, and dynamo's recompilation limit would otherwise fall back to eager
+                    torch._dynamo.reset()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()  # each run's own peak, not the process's
+                trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
+                summary = trainer.run()
+                step_times = trainer._session_step_times[skip:]
+                times[name].append(step_times)
+                optimizer_times.setdefault(name, []).extend(trainer._session_optimizer_times[skip:])
+                at_one_second = trainer._throughput(1.0)  # tokens/s and MFU scale as 1 / step time
+                peaks.setdefault(name, []).append(at_one_second.pop("peak_memory_gib", None))
+                rates[name] = at_one_second
+                device = trainer.device.type  # as the trainer resolved it ("auto": a GPU where there is one)
+                details[name] = {"optimizer_class": type(trainer.optimizer).__name__,
+                                 "impl": implementation(trainer.optimizer),
+                                 "micro_batch": trainer.micro_batch, "grad_accum": trainer.grad_accum,
+                                 "final_val_loss": summary["final_val_loss"]}
+                log(f"round {r + 1}/{rounds} {name}: median step {statistics.median(step_times) * 1e3:.1f} ms "
+                    f"({len(step_times)} steps)")
+                trainer.close()
+                del trainer
+                gc.collect()  # the trainer holds reference cycles: free its model and state before the next
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     base = optimizers[0]
     base_median = statistics.median(t for round_times in times[base] for t in round_times)
     rows = {}

@@ -32,14 +32,13 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from lmopt.data.paths import atomic_write_text
+from lmopt.data.paths import atomic_write_text, temporary_runs_home
 from lmopt.model import Qwen3, build_model, get_preset
 from lmopt.optim import Muon, Spectra, build, matrix_param_groups
 from lmopt.optim.spectra import householder_basis
@@ -419,17 +418,9 @@ def run_trainer_overhead(preset: str = "tiny", optimizer: str = "adamw", steps: 
             self.bare_times.append(self.last_end - trainer_end)
 
     def paired_round() -> tuple[list[float], list[float]]:
-        with tempfile.TemporaryDirectory() as runs:
-            previous = os.environ.get("LMOPT_RUNS")
-            os.environ["LMOPT_RUNS"] = runs
-            try:
-                pairs = BareStepAfterEach()
-                Trainer(cfg, overwrite=True, log=lambda _: None, callbacks=[pairs]).run_and_close()
-            finally:
-                if previous is None:
-                    del os.environ["LMOPT_RUNS"]
-                else:
-                    os.environ["LMOPT_RUNS"] = previous
+        with temporary_runs_home():
+            pairs = BareStepAfterEach()
+            Trainer(cfg, overwrite=True, log=lambda _: None, callbacks=[pairs]).run_and_close()
         # trainer_times[i] is step i + 2's; bare_times[i + 1] ran right after it
         timed = range(skip, steps - 2)
         return [pairs.trainer_times[i] for i in timed], [pairs.bare_times[i + 1] for i in timed]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -14,6 +17,22 @@ def data_home() -> Path:
 def runs_home() -> Path:
     """``$LMOPT_RUNS`` if set, else ``./runs``."""
     return Path(os.environ.get("LMOPT_RUNS", "runs")).resolve()
+
+
+@contextlib.contextmanager
+def temporary_runs_home() -> Iterator[Path]:
+    """A fresh temporary directory as ``$LMOPT_RUNS`` for the block (a benchmark's throwaway runs), removed after
+    it; the previous value (or its absence) is restored."""
+    previous = os.environ.get("LMOPT_RUNS")
+    with tempfile.TemporaryDirectory() as runs:
+        os.environ["LMOPT_RUNS"] = runs
+        try:
+            yield Path(runs)
+        finally:
+            if previous is None:
+                del os.environ["LMOPT_RUNS"]
+            else:
+                os.environ["LMOPT_RUNS"] = previous
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
