@@ -5,7 +5,10 @@
 Writes a markdown file (naming this command, the commit and the CPU) with:
 1. one qwen3-134m layer's 7 hidden matrices orthogonalised by torch.optim.Muon's function and by lmopt's settings
    (bf16 standard and Gram space in segments, fp32, fp32 Gram space, 4 Polar Express steps), interleaved, median ms;
-2. a bf16 batch of two 2048x512 products against the same two products one by one;
+   lmopt's default also with its matrices one after another, each product on all of torch's threads (as torch's
+   Muon runs), instead of one matrix per thread (lmopt.optim.threads);
+2. a bf16 batch of two 2048x512 products against the same two products one by one, on torch's threads or one
+   per thread;
 3. on real gradients (a nano model after 8 AdamW steps on Brown, as tests/optim/test_newton_schulz.py):
    the relative distance to the polar factor U Vᵀ of Keller's 5 steps and of 3 and 4 Polar Express steps, the
    distance of bf16 Gram space (in segments and in one) and of a folded iteration ((aI + bA + cA²) X in one
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -25,7 +29,9 @@ from lmopt.analysis.collect import hidden_matrix_gradients
 from lmopt.bench.step import interleaved_medians, probe_arguments, write_probe
 from lmopt.model import build_model, get_preset
 from lmopt.optim import Muon, matrix_param_groups
+from lmopt.optim import muon as muon_module
 from lmopt.optim.kernels import NS_COEFFICIENTS, newton_schulz, newton_schulz_gram, polar_express
+from lmopt.optim.threads import map_over_threads
 
 
 def layer_timings(repeats: int) -> dict[str, float]:
@@ -35,20 +41,30 @@ def layer_timings(repeats: int) -> dict[str, float]:
     for p in mats:
         p.grad = torch.randn_like(p) * 1e-3
     options = {"lmopt bf16, standard iteration": dict(ns_dtype="bfloat16", ns_method="standard"),
-               "lmopt bf16, Gram space in segments (default)": dict(ns_dtype="bfloat16"),
+               "lmopt bf16, Gram space in segments (default), one matrix per thread": dict(ns_dtype="bfloat16"),
                "lmopt fp32": dict(ns_dtype="float32", ns_method="standard"),
                "lmopt fp32 Gram space": dict(ns_dtype="float32", ns_method="gram"),
                "lmopt bf16, 4 Polar Express steps": dict(ns_dtype="bfloat16", ns_coefficients="polar-express",
                                                          ns_steps=4)}
     opts = {"torch.optim.Muon": torch.optim.Muon(mats, lr=1e-3)}
     opts |= {name: Muon(mats, lr=1e-3, adjust_lr="original", **o) for name, o in options.items()}
-    return interleaved_medians({name: o.step for name, o in opts.items()}, repeats)
+    steps = {name: o.step for name, o in opts.items()}
+    one_after_another = Muon(mats, lr=1e-3, adjust_lr="original", ns_dtype="bfloat16")
+
+    def step_one_after_another() -> None:
+        with mock.patch.object(muon_module, "map_over_threads", lambda fn, items, **_: [fn(i) for i in items]):
+            one_after_another.step()
+
+    steps["lmopt bf16, Gram space in segments, matrices one after another"] = step_one_after_another
+    return interleaved_medians(steps, repeats)
 
 
 def batch_timings(repeats: int) -> dict[str, float]:
     X = torch.randn(2, 512, 2048).bfloat16()
     return interleaved_medians({"bf16 batch of two (bmm)": lambda: torch.bmm(X, X.mT),
-                                "the same two one by one (mm)": lambda: [x @ x.mT for x in X]}, repeats)
+                                "the same two one by one (mm)": lambda: [x @ x.mT for x in X],
+                                "the same two, one per thread (mm)": lambda: map_over_threads(lambda x: x @ x.mT, X)},
+                               repeats)
 
 
 def folded_bf16(G: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int = 5) -> torch.Tensor:

@@ -340,13 +340,14 @@ class CountingKernels:
     """The compiled kernels with a count of each call, to show which path a step took."""
 
     def __init__(self, kernels) -> None:
-        self.kernels, self.calls = kernels, {}
+        self.kernels, self.calls, self.lock = kernels, {}, threading.Lock()
 
     def __getattr__(self, name: str):
         function = getattr(self.kernels, name)
 
         def counted(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
+            with self.lock:  # Muon calls the kernels from several threads on a CPU
+                self.calls[name] = self.calls.get(name, 0) + 1
             return function(*args)
 
         return counted

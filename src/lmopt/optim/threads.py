@@ -1,0 +1,71 @@
+"""Per-matrix work spread over a CPU's threads, one matrix per thread (Muon's Newton–Schulz).
+
+A matrix optimizer's step on a CPU is a list of independent per-matrix computations, each a chain of products of
+a few hundred rows. torch parallelises each product over its intra-op threads, and at these sizes that buys
+little: on this project's 2-core AVX-512-BF16/AMX CPU one qwen3-134m layer's seven bf16 Newton–Schulz runs took
+the same time with one intra-op thread as with two (oneDNN's bf16 products of 512 x 512 x 512 do not scale past
+one core), while the same seven run two at a time, each product on one thread, took 0.6x as long
+(``scripts/muon_cpu_probe.py``'s "one matrix per thread" row). In fp32 (MKL) two intra-op threads do scale and
+spreading the matrices costs nothing either way.
+
+:func:`map_over_threads` runs ``fn`` on each item in a pool of ``torch.get_num_threads()`` Python threads (torch
+releases the GIL inside its operations), with torch's intra-op threads set to 1 for the duration, so the cores
+are shared out by matrix, not by product; the largest items start first. The results are each item's own
+computation with one intra-op thread: the same operations in the same order as the loop, which is what the
+tests compare against. Grad mode is the caller's (it is thread-local in torch).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(width: int) -> ThreadPoolExecutor:
+    """A pool of ``width`` threads for this process (a forked child gets its own: the parent's threads are not
+    there)."""
+    key = (os.getpid(), width)
+    with _pools_lock:
+        if key not in _pools:
+            _pools[key] = ThreadPoolExecutor(width, thread_name_prefix="lmopt-matrix",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+        return _pools[key]
+
+
+def map_over_threads(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], float] | None = None,
+                     width: int | None = None) -> list[R]:
+    """``[fn(item) for item in items]``, the items spread over ``width`` threads (default: torch's intra-op thread
+    count), one item per thread at a time and each with one intra-op thread; in the calling thread, as a plain
+    loop, where there is one thread or one item. ``cost`` orders the work, largest first (results keep ``items``'
+    order). An exception in ``fn`` is raised here, once every item has run."""
+    width = torch.get_num_threads() if width is None else width
+    if width <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
+    grad_enabled = torch.is_grad_enabled()
+
+    def run(i: int) -> tuple[int, R]:
+        with torch.set_grad_enabled(grad_enabled):
+            return i, fn(items[i])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller waits; a pool thread starts with one intra-op thread (its initializer)
+    try:
+        pool = _pool(min(width, len(items)))
+        futures = [pool.submit(run, i) for i in order]
+        wait(futures)
+    finally:
+        torch.set_num_threads(previous)
+    results = dict(future.result() for future in futures)
+    return [results[i] for i in range(len(items))]
