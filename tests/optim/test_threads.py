@@ -36,20 +36,22 @@ def test_results_keep_the_items_order_and_the_largest_start_first(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_each_item_runs_with_one_intra_op_thread_and_the_callers_grad_mode(two_threads):
+def test_each_item_runs_with_its_share_of_the_threads_and_the_callers_grad_mode(two_threads):
     def observe(_: int) -> tuple[int, bool]:
         return torch.get_num_threads(), torch.is_grad_enabled()
 
     with torch.no_grad():
         assert map_over_threads(observe, range(4)) == [(1, False)] * 4
     assert map_over_threads(observe, range(4)) == [(1, True)] * 4
+    assert map_over_threads(observe, range(2), threads=4) == [(2, True)] * 2  # 2 items: 2 threads each
+    assert map_over_threads(observe, range(3), threads=4) == [(1, True)] * 3
     assert torch.get_num_threads() == 2
 
 
 def test_one_thread_or_one_item_is_a_loop_in_the_calling_thread(two_threads):
     here = threading.current_thread().name
     assert map_over_threads(lambda _: threading.current_thread().name, [0]) == [here]
-    assert map_over_threads(lambda _: threading.current_thread().name, [0, 1], width=1) == [here, here]
+    assert map_over_threads(lambda _: threading.current_thread().name, [0, 1], threads=1) == [here, here]
 
 
 def test_an_error_is_raised_once_every_item_has_run(two_threads):
@@ -68,11 +70,11 @@ def test_an_error_is_raised_once_every_item_has_run(two_threads):
 
 
 def _square_in_child(queue) -> None:
-    queue.put(map_over_threads(lambda n: n * n, [1, 2, 3], width=2))
+    queue.put(map_over_threads(lambda n: n * n, [1, 2, 3], threads=2))
 
 
 def test_a_forked_child_gets_its_own_pool(two_threads):
-    map_over_threads(lambda n: n, [1, 2], width=2)  # the parent's pool exists before the fork
+    map_over_threads(lambda n: n, [1, 2], threads=2)  # the parent's pool exists before the fork
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_square_in_child, args=(queue,))

@@ -525,13 +525,17 @@ def write_step_results(result: dict, out_dir: Path, command: str, commit: str) -
         layers = result.get("muon_pair_layers", result.get("layers"))
         on = "" if layers == result.get("layers") else f" (the first {layers} of {result['layers']} layers')"
         precision = result.get("muon_ns_dtype", "bfloat16")
+        on_cpu = result.get("device") != "cuda" and result.get("threads", 1) > 1
+        threads = (f", one matrix per thread of {result['threads']} (`lmopt.optim.threads`: each product on one "
+                   "thread)" if on_cpu else "")
+        torch_threads = ", one matrix after another, each product on every thread" if on_cpu else ""
         fused = result["results"].get(LMOPT_MUON_FUSED)
         also = (f" (`impl=\"fused\"`, the elementwise passes in C++: "
                 f"{pair[0]['step_seconds'] / fused['step_seconds']:.2f}x)" if fused else "")
         lines += ["", f"lmopt's Muon against `torch.optim.Muon` on the same matrices{on}, interleaved in one set: "
                   f"{pair[0]['step_seconds'] / pair[1]['step_seconds']:.2f}x as fast{also}. lmopt's Newton–Schulz "
                   f"ran in {precision} (`ns_dtype=\"auto\"` on this machine), in the Gram space for the 2:1 and 4:1 "
-                  "matrices (`ns_method=\"auto\"`), torch's in bfloat16 on every matrix. With "
+                  f"matrices (`ns_method=\"auto\"`){threads}, torch's in bfloat16 on every matrix{torch_threads}. With "
                   "`ns_dtype=\"bfloat16\", ns_method=\"standard\"` the two agree to atol 1e-6 on the parameters "
                   "after 5 steps (tests/optim/test_papers.py); the Gram space is the same iteration, as close to the "
                   "exact one as the standard iteration in the same precision (tests/optim/test_newton_schulz.py), "

@@ -8,11 +8,13 @@ one core), while the same seven run two at a time, each product on one thread, t
 (``scripts/muon_cpu_probe.py``'s "one matrix per thread" row). In fp32 (MKL) two intra-op threads do scale and
 spreading the matrices costs nothing either way.
 
-:func:`map_over_threads` runs ``fn`` on each item in a pool of ``torch.get_num_threads()`` Python threads (torch
-releases the GIL inside its operations), with torch's intra-op threads set to 1 for the duration, so the cores
-are shared out by matrix, not by product; the largest items start first. The results are each item's own
-computation with one intra-op thread: the same operations in the same order as the loop, which is what the
-tests compare against. Grad mode is the caller's (it is thread-local in torch).
+:func:`map_over_threads` runs ``fn`` on each item in a pool of Python threads (torch releases the GIL inside
+its operations), as many as torch's intra-op threads (``torch.get_num_threads()``) or items, whichever is fewer,
+each running torch's operations with its share of those threads (one, where there are at least as many items as
+threads): the cores are shared out by matrix, not by product. The largest items start first. The results are
+each item's own computation with that many intra-op threads, so a one-thread loop gives the same bits, which
+is what the tests compare. Grad mode is the caller's (it is thread-local in torch), and the caller's thread
+count is restored afterwards.
 """
 
 from __future__ import annotations
@@ -38,34 +40,37 @@ def _pool(width: int) -> ThreadPoolExecutor:
     key = (os.getpid(), width)
     with _pools_lock:
         if key not in _pools:
-            _pools[key] = ThreadPoolExecutor(width, thread_name_prefix="lmopt-matrix",
-                                             initializer=torch.set_num_threads, initargs=(1,))
+            _pools[key] = ThreadPoolExecutor(width, thread_name_prefix="lmopt-matrix")
         return _pools[key]
 
 
 def map_over_threads(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], float] | None = None,
-                     width: int | None = None) -> list[R]:
-    """``[fn(item) for item in items]``, the items spread over ``width`` threads (default: torch's intra-op thread
-    count), one item per thread at a time and each with one intra-op thread; in the calling thread, as a plain
-    loop, where there is one thread or one item. ``cost`` orders the work, largest first (results keep ``items``'
-    order). An exception in ``fn`` is raised here, once every item has run."""
-    width = torch.get_num_threads() if width is None else width
-    if width <= 1 or len(items) <= 1:
+                     threads: int | None = None) -> list[R]:
+    """``[fn(item) for item in items]``, the items spread over ``threads`` (default: torch's intra-op thread
+    count): min(threads, items) at a time, each with threads // that many intra-op threads (one, where there are
+    at least as many items as threads); a plain loop in the calling thread where there is one thread or one item.
+    ``cost`` orders the work, largest first (results keep ``items``' order). An exception in ``fn`` is raised
+    here, once every item has run."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
+    width = min(threads, len(items))
+    each = threads // width
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
     grad_enabled = torch.is_grad_enabled()
 
     def run(i: int) -> tuple[int, R]:
+        if torch.get_num_threads() != each:
+            torch.set_num_threads(each)  # this thread's own setting (OpenMP's is per thread)
         with torch.set_grad_enabled(grad_enabled):
             return i, fn(items[i])
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the caller waits; a pool thread starts with one intra-op thread (its initializer)
     try:
-        pool = _pool(min(width, len(items)))
+        pool = _pool(width)
         futures = [pool.submit(run, i) for i in order]
         wait(futures)
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous)  # set_num_threads also sets the count new threads start with
     results = dict(future.result() for future in futures)
     return [results[i] for i in range(len(items))]
