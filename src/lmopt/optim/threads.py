@@ -4,9 +4,9 @@ A matrix optimizer's step on a CPU is a list of independent per-matrix computati
 a few hundred rows. torch parallelises each product over its intra-op threads, and at these sizes that buys
 little: on this project's 2-core AVX-512-BF16/AMX CPU one qwen3-134m layer's seven bf16 Newton–Schulz runs took
 the same time with one intra-op thread as with two (oneDNN's bf16 products of 512 x 512 x 512 do not scale past
-one core), while the same seven run two at a time, each product on one thread, took 0.6x as long
-(``scripts/muon_cpu_probe.py``'s "one matrix per thread" row). In fp32 (MKL) two intra-op threads do scale and
-spreading the matrices costs nothing either way.
+one core), while lmopt's Muon step on them, two matrices at a time and each product on one thread, took 0.72x
+as long as one matrix after another (``scripts/muon_cpu_probe.py``, results/step/muon-cpu-probe.md). In fp32
+(MKL) two intra-op threads do scale, and spreading the matrices neither gained nor lost.
 
 :func:`map_over_threads` runs ``fn`` on each item in a pool of Python threads (torch releases the GIL inside
 its operations), as many as torch's intra-op threads (``torch.get_num_threads()``) or items, whichever is fewer,
