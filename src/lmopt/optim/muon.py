@@ -6,9 +6,9 @@ Newton–Schulz batched over same-shape matrices on a GPU (one ``baddbmm`` chain
 matrix); on a CPU one matrix per thread (:mod:`lmopt.optim.threads`: each matrix's momentum, Newton–Schulz and
 update on one of torch's intra-op threads, each product single-threaded, where torch's Muon runs the matrices one
 after another and each product on all threads: oneDNN's bf16 products of a few hundred rows do not scale past one
-core, so this alone made one qwen3-134m layer's step 1.5-1.6x faster on this project's 2-core CPU, with the same
-bits as the one-thread loop); a choice of its precision, and AdamW for the parameters Muon does not own, in the
-same optimizer.
+core, so this alone made one qwen3-134m layer's step 1.40x faster on this project's 2-core CPU in
+results/step/muon-cpu-probe.md, with the same bits as the one-thread loop); a choice of its precision, and AdamW
+for the parameters Muon does not own, in the same optimizer.
 
 For each hidden matrix W (m x n), with momentum μ = 0.95:
 
