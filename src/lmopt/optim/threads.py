@@ -59,11 +59,11 @@ def map_over_threads(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
     grad_enabled = torch.is_grad_enabled()
 
-    def run(i: int) -> tuple[int, R]:
+    def run(i: int) -> R:
         if torch.get_num_threads() != each:
             torch.set_num_threads(each)  # this thread's own setting (OpenMP's is per thread)
         with torch.set_grad_enabled(grad_enabled):
-            return i, fn(items[i])
+            return fn(items[i])
 
     previous = torch.get_num_threads()
     try:
@@ -72,5 +72,7 @@ def map_over_threads(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T
         wait(futures)
     finally:
         torch.set_num_threads(previous)  # set_num_threads also sets the count new threads start with
-    results = dict(future.result() for future in futures)
-    return [results[i] for i in range(len(items))]
+    results: list = [None] * len(items)
+    for i, future in zip(order, futures, strict=True):
+        results[i] = future.result()
+    return results
