@@ -5,13 +5,13 @@ per tensor, the paper's trust ratio against the previous step's.
 
 Writes a markdown file (naming this command, the commit and the CPU) with qwen3-134m's parameters split in two
 (the 152k x 512 embedding; the other 133 tensors), each stepped by torch's fused AdamW and by lmopt's LAMB
-``impl="fused"`` as it runs (one ``lamb_steps_`` call for every tensor), with the same kernel called once per
-tensor from Python (a lower bound on the design before commit a4ddd3c, which also ran the trust ratio and a few
-small torch operations in Python between each tensor's two passes), with ``reuse_grad=True`` (the direction kept
-in the gradient's buffer between the two passes) and with ``trust_from="previous"``; then a
-pure read/write reference on the embedding (``p *= c``: one read and one write; ``p += g``: two reads, one
-write), from which the cost of a read and a write is solved. Interleaved medians; speed only, nothing asserted
-(tests check the numerics).
+``impl="fused"`` as it runs (one ``lamb_steps_`` call for every tensor), the same without the kernels' software
+prefetch (``set_prefetch(False)``), with the same kernel called once per tensor from Python (a lower bound on the
+design before commit a4ddd3c, which also ran the trust ratio and a few small torch operations in Python between
+each tensor's two passes), with ``reuse_grad=True`` (the direction kept in the gradient's buffer between the two
+passes) and with ``trust_from="previous"``; then a pure read/write reference on the embedding (``p *= c``: one
+read and one write; ``p += g``: two reads, one write), from which the cost of a read and a write is solved.
+Interleaved medians; speed only, nothing asserted (tests check the numerics).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from lmopt.bench.step import interleaved_medians, probe_arguments, write_probe
 from lmopt.model import build_model, get_preset
+from lmopt.optim import cpu_kernels
 from lmopt.optim.lamb import LAMB
 
 
@@ -32,6 +33,21 @@ class TensorByTensorLAMB(LAMB):
         return [super(TensorByTensorLAMB, self).fused_updates(*([x[i]] for x in (params, grads, tensors, scalars,
                                                                                  constants)))[0]
                 for i in range(len(params))]
+
+
+class WithoutPrefetch:
+    """An optimizer stepping with the kernels' software prefetch off (``set_prefetch(False)``) and back on after."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        kernels = cpu_kernels.kernels()
+        kernels.set_prefetch(False)
+        try:
+            self.optimizer.step()
+        finally:
+            kernels.set_prefetch(True)
 
 
 class OwnGradients:
@@ -62,6 +78,7 @@ def step_timings(repeats: int) -> dict[tuple[str, str], float]:
     for part, params in parts.items():
         optimizers = {"fused AdamW": torch.optim.AdamW(params, fused=True),
                       "LAMB, one call": LAMB(params, impl="fused"),
+                      "LAMB, one call, without software prefetch": WithoutPrefetch(LAMB(params, impl="fused")),
                       "LAMB, one call per tensor": TensorByTensorLAMB(params, impl="fused"),
                       "LAMB reuse_grad (direction in the gradient), one call": OwnGradients(
                           LAMB(params, impl="fused", reuse_grad=True)),

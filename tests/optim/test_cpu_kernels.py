@@ -184,6 +184,38 @@ def test_lamb_reuse_grad_is_the_same_step_with_the_direction_left_in_the_gradien
     torch.testing.assert_close(reused[0].grad, direction, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("name, options", [("lamb", {}), ("lamb", {"reuse_grad": True}), ("stable-adamw", {}),
+                                           ("msam", {})])
+def test_software_prefetch_leaves_the_steps_bit_for_bit_unchanged(name, options):
+    """The streaming kernels' prefetch is a hint: with it off (``set_prefetch(False)``) the same parameters and
+    moments, bit for bit, in fp32 and fp64, on sizes that end inside a block and span several chunks."""
+    from lmopt.registry import OPTIMIZERS
+
+    kernels = cpu_kernels.kernels()
+    if kernels is None:
+        pytest.skip(cpu_kernels.unavailable_reason())
+    gen = torch.Generator().manual_seed(7)
+    start = [torch.randn(shape, generator=gen, dtype=dtype) for shape, dtype in
+             [((700, 33), torch.float32), ((5001,), torch.float32), ((129, 31), torch.float64), ((3,), torch.float32)]]
+    grads = [[3**i * torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in start] for i in range(3)]
+    runs = []
+    for prefetch in (True, False):
+        kernels.set_prefetch(prefetch)
+        try:
+            params = [torch.nn.Parameter(w.clone()) for w in start]
+            opt = OPTIMIZERS.get(name).cls(params, impl="fused", **options)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads, strict=True):
+                    p.grad = g.clone()
+                opt.step()
+        finally:
+            kernels.set_prefetch(True)
+        runs.append([(p.detach(), *(t for t in opt.state[p].values() if torch.is_tensor(t))) for p in params])
+    for on, off in zip(*runs, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+    assert not torch.equal(runs[0][0][0], start[0])
+
+
 @pytest.mark.parametrize("gamma_from", ["current", "previous"])
 @pytest.mark.parametrize("stability", ["cosine", "variance"])
 def test_msam_passes_match_its_eager_update(stability, gamma_from):
