@@ -184,6 +184,37 @@ def test_lamb_reuse_grad_is_the_same_step_with_the_direction_left_in_the_gradien
     torch.testing.assert_close(reused[0].grad, direction, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("reuse_grad", [False, True])
+def test_lamb_without_weight_decay_reads_w_only_as_far_as_its_clipped_norm_needs(reuse_grad):
+    """With λ = 0 the fused step reads w in pass 1 only until Σw² reaches max_trust² (then min(||w||, max_trust) is
+    max_trust): the same step as the eager update for a tensor whose norm passes max_trust early, one whose norm
+    stays below it (w read whole), one whose first 2^16 elements are 0 (the look stops there and pass 1 reads w),
+    and with a λ > 0 group beside them (always read), over several steps, in fp32 and fp64."""
+    from lmopt.optim.lamb import LAMB
+
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(300, 257, generator=gen)  # ||w|| ≈ 278 > 10 after ~100 elements
+    small = torch.randn(5000, generator=gen, dtype=torch.float64) * 0.05  # ||w|| ≈ 3.5 < 10: the whole of w
+    late = torch.cat([torch.zeros(1 << 16), torch.randn(4000, generator=gen)])  # ||w|| ≈ 63, all past the look
+    decayed = torch.randn(64, 33, generator=gen)
+    start = [big, small, late, decayed]
+    grads = [[3**i * torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in start] for i in range(3)]
+    results = []
+    for impl in ("for-loop", "fused"):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        groups = [{"params": params[:3], "weight_decay": 0.0}, {"params": params[3:], "weight_decay": 0.1}]
+        opt = LAMB(groups, lr=0.05, reuse_grad=reuse_grad, impl=impl)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append([(p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params])
+    for eager, fused in zip(*results, strict=True):
+        for a, b in zip(eager, fused, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert all(not torch.equal(r[0], w) for r, w in zip(results[1], start, strict=True))
+
+
 @pytest.mark.parametrize("name, options", [("lamb", {}), ("lamb", {"reuse_grad": True}), ("stable-adamw", {}),
                                            ("msam", {})])
 def test_software_prefetch_leaves_the_steps_bit_for_bit_unchanged(name, options):
