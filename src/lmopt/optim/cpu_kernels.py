@@ -4,7 +4,9 @@ Some optimizer steps are a few reductions and one update over a large matrix. On
 op (or Inductor kernel) is a full pass over memory, and a reduction over a matrix's columns reads it with a
 stride: Adafactor's step on qwen3-134m's 152k x 512 embedding took ~3.5x fused AdamW's, which does all its
 work in one pass. The kernels here read each operand the fewest times an exact algorithm allows, in row order,
-with per-thread column partials and float64 accumulators.
+with per-thread column partials and float64 accumulators. The passes that stream several full-size arrays at once
+(the Adam family's) also ask for each array 4 KB ahead in software (``prefetch_ahead`` in the source;
+``set_prefetch(False)`` turns it off for a probe).
 
 The build needs a C++ compiler with OpenMP (and ninja); :func:`kernels` returns None, with the reason in
 :func:`unavailable_reason`, where it fails, and callers fall back to their other implementations. The build is

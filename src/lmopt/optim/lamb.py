@@ -14,19 +14,22 @@ as in the paper's Algorithm 2.
 
 ``trust_from``: ``"current"`` (default, the paper's) takes both norms from this step's r and w, which needs a
 pass over the tensor before the update can be written (the fused step reads m, v and w twice: 10 full-size
-streams against fused AdamW's 7, a floor of 1.43x). ``"previous"`` (our option, not in the paper) uses the
-trust ratio of the previous step, ||w_{t-1}|| and ||r_{t-1}||, which the previous update's own pass summed; the
-first step takes its own (there is no previous one). A trust ratio is one number per tensor and the norms
-behind it move slowly from step to step, so the step stays LAMB's but is one pass, like fused AdamW's. Whether
-it changes the loss is measured by ``lmopt bench variant`` (results/cpu-full/variants.md).
+streams against fused AdamW's 7, a floor of 1.43x). Without weight decay (the embedding's and the norms' groups
+under ``role_param_groups``) the fused step needs one stream fewer and computes the same ratio: r is then the
+direction alone, and φ(||w||) is max_trust as soon as Σw² over w's first elements reaches max_trust², so pass 1
+reads w only that far (up to an eighth of the tensor; qwen3-134m's embedding, ||w|| = 97 at initialisation,
+reaches it after 1%) and reads all of it only where the norm stays below the clip. ``"previous"`` (our option,
+not in the paper) uses the trust ratio of the previous step, ||w_{t-1}|| and ||r_{t-1}||, which the previous
+update's own pass summed; the first step takes its own (there is no previous one). A trust ratio is one number
+per tensor and the norms behind it move slowly from step to step, so the step stays LAMB's but is one pass, like
+fused AdamW's. Whether it changes the loss is measured by ``lmopt bench variant`` (results/cpu-full/variants.md).
 
 ``reuse_grad`` (our option, off by default; the fused step only): at the paper's timing, pass 1 writes the
 direction m̂ / (√v̂ + ε) over the gradient it has just read, and pass 2 reads that and w instead of m, v and w: 6
-full-size reads and 4 writes instead of 7 and 3, and pass 2 no longer recomputes the square root and division. On
-this project's CPU it took LAMB's step from 1.68x to 1.40x fused AdamW's on qwen3-134m's embedding and from 1.51x
-to 1.36x on its other tensors (results/step/lamb-cpu-probe.md), more than the one read it saves would explain by
-the probe's read/write costs; where the rest comes from (the recomputation, or a write to a line just read costing
-less than the probe's pure passes) was not separated. The step is the same, bit for bit (tested). The price:
+full-size reads and 4 writes instead of 7 and 3 (5 and 4 instead of 6 and 3 where pass 1 skips w), and pass 2
+no longer recomputes the square root and division. On this project's CPU it took LAMB's step from 1.31x to 1.06x
+fused AdamW's on qwen3-134m's embedding and from 1.37x to 1.25x on its other tensors
+(results/step/lamb-cpu-probe.md, at 195a2f3). The step is the same, bit for bit (tested). The price:
 ``p.grad`` holds the direction after the step, not the gradient, for every fp32/fp64 contiguous CPU tensor the
 fused kernel takes (others are left as they were); a gradient tensor shared by two parameters, or memory it
 aliases outside torch, would be overwritten as well. A torch optimizer leaves gradients as they were, hence off by
