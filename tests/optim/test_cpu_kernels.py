@@ -213,13 +213,25 @@ def test_lamb_without_weight_decay_reads_w_only_as_far_as_its_clipped_norm_needs
         for a, b in zip(eager, fused, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     assert all(not torch.equal(r[0], w) for r, w in zip(results[1], start, strict=True))
+    # against the full read: weight decay 1e-300 is not 0, so pass 1 reads w, yet it is 0 in fp32 (the same
+    # arithmetic): the fp32 tensor far above the clip takes the same bits either way
+    same = []
+    for weight_decay in (0.0, 1e-300):
+        p = torch.nn.Parameter(big.clone())
+        opt = LAMB([p], lr=0.05, weight_decay=weight_decay, reuse_grad=reuse_grad, impl="fused")
+        for step_grads in grads:
+            p.grad = step_grads[0].clone()
+            opt.step()
+        same.append(p.detach())
+    assert torch.equal(*same)
 
 
 @pytest.mark.parametrize("name, options", [("lamb", {}), ("lamb", {"reuse_grad": True}), ("stable-adamw", {}),
                                            ("msam", {})])
-def test_software_prefetch_leaves_the_steps_bit_for_bit_unchanged(name, options):
-    """The streaming kernels' prefetch is a hint: with it off (``set_prefetch(False)``) the same parameters and
-    moments, bit for bit, in fp32 and fp64, on sizes that end inside a block and span several chunks."""
+def test_streaming_kernels_match_eager_with_and_without_software_prefetch(name, options):
+    """The streaming kernels walk 256-byte blocks inside their chunks and prefetch ahead: on sizes that end inside a
+    block and span several chunks, in fp32 and fp64, the fused step matches the eager one, and with the prefetch
+    off (``set_prefetch(False)``, which only moves the prefetched address) it gives the same bits."""
     from lmopt.registry import OPTIMIZERS
 
     kernels = cpu_kernels.kernels()
@@ -230,11 +242,11 @@ def test_software_prefetch_leaves_the_steps_bit_for_bit_unchanged(name, options)
              [((700, 33), torch.float32), ((5001,), torch.float32), ((129, 31), torch.float64), ((3,), torch.float32)]]
     grads = [[3**i * torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in start] for i in range(3)]
     runs = []
-    for prefetch in (True, False):
+    for impl, prefetch in (("fused", True), ("fused", False), ("for-loop", True)):
         kernels.set_prefetch(prefetch)
         try:
             params = [torch.nn.Parameter(w.clone()) for w in start]
-            opt = OPTIMIZERS.get(name).cls(params, impl="fused", **options)
+            opt = OPTIMIZERS.get(name).cls(params, impl=impl, **options)
             for step_grads in grads:
                 for p, g in zip(params, step_grads, strict=True):
                     p.grad = g.clone()
@@ -242,8 +254,10 @@ def test_software_prefetch_leaves_the_steps_bit_for_bit_unchanged(name, options)
         finally:
             kernels.set_prefetch(True)
         runs.append([(p.detach(), *(t for t in opt.state[p].values() if torch.is_tensor(t))) for p in params])
-    for on, off in zip(*runs, strict=True):
+    for on, off, eager in zip(*runs, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+        for a, b in zip(on, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(runs[0][0][0], start[0])
 
 

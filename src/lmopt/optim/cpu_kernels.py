@@ -43,6 +43,7 @@ _SOURCE = r"""
 #include <limits>
 #include <memory>
 #include <vector>
+#include <atomic>
 
 // Column sums over many rows run in the tensor's precision over at most kBlock rows (they vectorize), then in
 // float64: per thread, in its own slice of a threads x size float64 array, summed over threads at the end.
@@ -82,14 +83,16 @@ void sum_partials(const std::vector<double>& partial, int threads, int64_t size,
 // Software prefetch for the kernels that stream several full-size arrays at once (the Adam family's passes). On
 // this project's CPU (a 2-vCPU VM) the hardware prefetchers kept too few lines in flight for 3-6 streams. Walking
 // each thread's range in blocks of kStreamBlockBytes and asking, at each block, for the block `ahead_bytes`
-// further on in every array took LAMB's step ~10% faster (scripts/lamb_cpu_probe.py times it both ways). The
-// arithmetic is untouched. Near an array's end the addresses run past it: a prefetch never faults, and they are
-// formed as integers (no out-of-range pointer). No branch around the prefetches: with a bounds test, or an on/off
-// test, GCC 12 at -O3 dropped them; set_prefetch(false) asks for the block about to be read instead (a no-op).
+// further on in every array took LAMB's step ~10% faster (scripts/lamb_cpu_probe.py times it both ways). A
+// prefetch changes no value (on or off, the same bits; tested); the blocks reordered the reductions' partial sums
+// (last-bit differences from the builds before them). Near an array's end the addresses run past it: a prefetch
+// never faults, and they are formed as integers (no out-of-range pointer). No branch around the prefetches: with a
+// bounds test, or an on/off test, GCC 12 at -O3 dropped them; set_prefetch(false) asks for the block about to be
+// read instead (a no-op).
 constexpr int64_t kStreamBlockBytes = 256;
-static int64_t ahead_bytes = 4096;
+static std::atomic<int64_t> ahead_bytes{4096};  // atomic: set_prefetch may run beside a step
 
-void set_prefetch(bool on) { ahead_bytes = on ? 4096 : 0; }
+void set_prefetch(bool on) { ahead_bytes.store(on ? 4096 : 0, std::memory_order_relaxed); }
 
 template <typename T>
 constexpr int64_t kStreamBlock = kStreamBlockBytes / static_cast<int64_t>(sizeof(T));
@@ -97,7 +100,7 @@ constexpr int64_t kStreamBlock = kStreamBlockBytes / static_cast<int64_t>(sizeof
 // the block `ahead_bytes` after element j of each array (kWrite: to be written; a hint only)
 template <typename T, bool kWrite = false, typename... Arrays>
 inline void prefetch_ahead(int64_t j, const Arrays*... arrays) {
-  const uintptr_t ahead = static_cast<uintptr_t>(ahead_bytes);
+  const uintptr_t ahead = static_cast<uintptr_t>(ahead_bytes.load(std::memory_order_relaxed));
   for (int64_t q = 0; q < kStreamBlockBytes; q += 64)
     (__builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(arrays + j) + ahead + q),
                         kWrite, 3), ...);
@@ -237,7 +240,7 @@ void lamb_pass(T* p, T* g, T* m, T* v, int64_t n, double beta1, double beta2, do
     const int64_t end = std::min(n, start + chunk);
     T rs = 0, ps = 0;
     for (int64_t b = start; b < end; b += kStreamBlock<T>) {
-      if constexpr (kReadW) prefetch_ahead<T>(b, p);
+      if constexpr (kReadW) prefetch_ahead<T, kApply>(b, p);
       prefetch_ahead<T, kStore>(b, g);
       prefetch_ahead<T, true>(b, m, v);
       const int64_t block_end = std::min(end, b + kStreamBlock<T>);
@@ -354,8 +357,9 @@ const double* checked_settings(const char* name, const std::vector<torch::Tensor
 }
 
 // sum w^2 over w's first elements, in order, stopping as soon as it reaches `enough` or after `most` elements:
-// LAMB's numerator min(||w||, max_trust) is max_trust once sum w^2 >= max_trust^2, whatever the rest of w holds
-// (for qwen3-134m's embedding at its initial scale, ||w|| = 97, after 1% of it). Single-threaded: it reads little.
+// LAMB's numerator min(||w||, max_trust) is max_trust once sum w^2 >= max_trust^2, whatever the rest of a finite w
+// holds (for qwen3-134m's embedding at its initial scale, ||w|| = 97, after 1% of it). Single-threaded: it reads
+// little.
 template <typename T>
 double squares_until(const T* w, int64_t n, double enough, int64_t most) {
   double total = 0.0;
@@ -384,8 +388,9 @@ T lamb_trust(T w_sq, T r_sq, double max_trust) {
 // receives this step's norms. `settings`: one float64 row per tensor: lr, beta1, beta2, 1 - beta1^t,
 // 1 - beta2^t, eps, weight_decay, max_trust. `direction_in_grad` (the paper's timing only): pass 1 leaves the
 // direction m_hat / (sqrt(v_hat) + eps) in g and pass 2 reads it instead of m and v (g's values are then lost).
-// how far squares_until looks before LAMB's pass 1 reads w after all: an eighth of w, or 2^16 elements (a
-// single-threaded look costs at most a quarter of pass 1's read of w where it fails)
+// how far squares_until looks before LAMB's pass 1 reads w after all: the larger of an eighth of w and 2^16
+// elements (all of a smaller tensor); where it fails, a large tensor's look costs about a quarter of pass 1's read
+// of w (one thread of two)
 constexpr int64_t kLookMin = 1 << 16, kLookShare = 8;
 
 void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
@@ -407,11 +412,15 @@ void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std
         lamb_pass<scalar_t, true>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1 - step * wd, step, sums);
       } else {
         // Without weight decay r needs no w, and where w's first elements already reach max_trust^2 neither does
-        // the numerator: pass 1 then skips w (3 full-size reads, not 4). The trust ratio is the same.
+        // the numerator: pass 1 then skips w (3 full-size reads, not 4). For finite w the trust ratio is the same,
+        // up to summation rounding where ||w|| is within rounding of max_trust (a NaN in w past the look would
+        // have made the ratio 1; here it is max_trust / ||r||).
+        // (max_trust^2 must be a positive finite number: an infinite clip never acts, one whose square underflows
+        // would be reached at once)
         const double enough = s[7] * s[7];
+        const bool may_skip = wd == 0.0 && norms == nullptr && enough > 0.0 && std::isfinite(enough);
         const int64_t look = std::max(kLookMin, n / kLookShare);
-        const double w_start = (wd == 0.0 && norms == nullptr) ? squares_until(w, n, enough, look) : 0.0;
-        const bool skip_w = w_start >= enough;
+        const bool skip_w = may_skip && squares_until(w, n, enough, look) >= enough;
         if (direction_in_grad && skip_w)
           lamb_pass<scalar_t, false, true, false>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0,
                                                   sums);
@@ -422,7 +431,8 @@ void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std
                                                    sums);
         else
           lamb_pass<scalar_t, false>(w, grad, mi, vi, n, beta1, beta2, bias1, bias2, eps, wd, 1.0, 0.0, sums);
-        const double step = lr * lamb_trust<double>(skip_w ? w_start : sums[1], sums[0], s[7]);
+        const double w_sq = skip_w ? std::numeric_limits<double>::infinity() : sums[1];  // skip: min(., mt) = mt
+        const double step = lr * lamb_trust<double>(w_sq, sums[0], s[7]);
         if (direction_in_grad)
           lamb_apply_direction<scalar_t>(w, grad, n, 1 - step * wd, step);
         else
