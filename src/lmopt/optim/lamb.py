@@ -17,8 +17,9 @@ pass over the tensor before the update can be written (the fused step reads m, v
 streams against fused AdamW's 7, a floor of 1.43x). Without weight decay (the embedding's and the norms' groups
 under ``role_param_groups``) the fused step needs one stream fewer and computes the same ratio: r is then the
 direction alone, and φ(||w||) is max_trust as soon as Σw² over w's first elements reaches max_trust², so pass 1
-reads w only that far (up to an eighth of the tensor; qwen3-134m's embedding, ||w|| = 97 at initialisation,
-reaches it after 1%) and reads all of it only where the norm stays below the clip. ``"previous"`` (our option,
+reads w only that far (looking at most at the larger of an eighth of the tensor and 2^16 elements; qwen3-134m's
+embedding, ||w|| = 97 at initialisation, reaches it after 1%) and reads all of it only where the norm stays below
+the clip. For finite w the ratio is the same up to summation rounding. ``"previous"`` (our option,
 not in the paper) uses the trust ratio of the previous step, ||w_{t-1}|| and ||r_{t-1}||, which the previous
 update's own pass summed; the first step takes its own (there is no previous one). A trust ratio is one number
 per tensor and the norms behind it move slowly from step to step, so the step stays LAMB's but is one pass, like
@@ -27,9 +28,9 @@ fused AdamW's. Whether it changes the loss is measured by ``lmopt bench variant`
 ``reuse_grad`` (our option, off by default; the fused step only): at the paper's timing, pass 1 writes the
 direction m̂ / (√v̂ + ε) over the gradient it has just read, and pass 2 reads that and w instead of m, v and w: 6
 full-size reads and 4 writes instead of 7 and 3 (5 and 4 instead of 6 and 3 where pass 1 skips w), and pass 2
-no longer recomputes the square root and division. On this project's CPU it took LAMB's step from 1.31x to 1.06x
-fused AdamW's on qwen3-134m's embedding and from 1.37x to 1.25x on its other tensors
-(results/step/lamb-cpu-probe.md, at 195a2f3). The step is the same, bit for bit (tested). The price:
+no longer recomputes the square root and division. On this project's CPU it took LAMB's step from 1.23x to 1.06x
+fused AdamW's on qwen3-134m's embedding and from 1.31x to 1.22x on its other tensors
+(results/step/lamb-cpu-probe.md, at 0f6ad40). The step is the same, bit for bit (tested). The price:
 ``p.grad`` holds the direction after the step, not the gradient, for every fp32/fp64 contiguous CPU tensor the
 fused kernel takes (others are left as they were); a gradient tensor shared by two parameters, or memory it
 aliases outside torch, would be overwritten as well. A torch optimizer leaves gradients as they were, hence off by
