@@ -107,7 +107,7 @@ inline void prefetch_ahead(int64_t j, const Arrays*... arrays) {
 }
 
 // body(first, last) over [0, n) in kStreamBlock blocks, the range split in contiguous parts over torch's threads,
-// each block's successor kAheadBytes on prefetched in `read` arrays and, for ownership, in `written` ones
+// the block `ahead_bytes` on from each prefetched in `read` arrays and, for writing, in `written` ones
 template <typename T, typename Body, typename... Read>
 void streamed(int64_t n, std::initializer_list<const T*> written, Body body, const Read*... read) {
 #pragma omp parallel for num_threads(at::get_num_threads()) schedule(static)
@@ -374,6 +374,11 @@ double squares_until(const T* w, int64_t n, double enough, int64_t most) {
   return total;
 }
 
+// how far squares_until looks before LAMB's pass 1 reads w after all: the larger of an eighth of w and 2^16
+// elements (all of a smaller tensor); where it fails, a large tensor's look costs about a quarter of pass 1's read
+// of w (one thread of two)
+constexpr int64_t kLookMin = 1 << 16, kLookShare = 8;
+
 // LAMB's trust ratio min(||w||, max_trust) / ||r|| from ||w||^2 and ||r||^2 (1 where either norm is 0), in the
 // precision of its inputs, as lamb.py's trust_from_norms
 template <typename T>
@@ -388,11 +393,6 @@ T lamb_trust(T w_sq, T r_sq, double max_trust) {
 // receives this step's norms. `settings`: one float64 row per tensor: lr, beta1, beta2, 1 - beta1^t,
 // 1 - beta2^t, eps, weight_decay, max_trust. `direction_in_grad` (the paper's timing only): pass 1 leaves the
 // direction m_hat / (sqrt(v_hat) + eps) in g and pass 2 reads it instead of m and v (g's values are then lost).
-// how far squares_until looks before LAMB's pass 1 reads w after all: the larger of an eighth of w and 2^16
-// elements (all of a smaller tensor); where it fails, a large tensor's look costs about a quarter of pass 1's read
-// of w (one thread of two)
-constexpr int64_t kLookMin = 1 << 16, kLookShare = 8;
-
 void lamb_steps_(std::vector<torch::Tensor> p, std::vector<torch::Tensor> g, std::vector<torch::Tensor> m,
                  std::vector<torch::Tensor> v, std::vector<torch::Tensor> previous, torch::Tensor settings,
                  bool direction_in_grad) {
